@@ -1,0 +1,121 @@
+"""The one interface every model backend implements.
+
+A backend turns batches of chat conversations into completions, and scores fixed options
+("A" / "B") after a conversation by their log-probabilities, without generating. It knows
+nothing about principles, records or files.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+Message = dict[str, str]  # {"role": "system"|"user"|"assistant", "content": str}
+Conversation = list[Message]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to sample. ``temperature == 0`` means greedy decoding (``top_p`` and ``seed`` unused).
+
+    Args:
+        temperature: softmax temperature; 0 for greedy.
+        top_p: nucleus sampling mass.
+        max_new_tokens: cap on generated tokens per completion.
+        stop: strings that end a completion (not included in the text).
+        n: completions per conversation.
+        seed: base seed; completion ``j`` of a conversation is sampled from ``seed + j``, so
+            the result does not depend on batch composition.
+    """
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    max_new_tokens: int = 256
+    stop: tuple[str, ...] = ()
+    n: int = 1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "stop", tuple(self.stop))
+        if self.temperature < 0:
+            raise ValueError("temperature must be >= 0")
+        if not 0 < self.top_p <= 1:
+            raise ValueError("top_p must be in (0, 1]")
+        if self.max_new_tokens < 1 or self.n < 1:
+            raise ValueError("max_new_tokens and n must be >= 1")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["stop"] = list(self.stop)
+        return d
+
+
+@dataclass
+class Completion:
+    """One generated completion."""
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str = "stop"  # "stop" | "length"
+
+
+@dataclass
+class ChoiceScores:
+    """Log-probabilities of each option, as the assistant's reply after a conversation."""
+
+    logprobs: dict[str, float]
+    prompt_tokens: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Backend(abc.ABC):
+    """A model behind one interface.
+
+    Attributes:
+        name: backend kind, e.g. ``"transformers"``.
+        model_id: what the user asked for (HF id or path).
+        model_revision: resolved revision or content hash of the weights, for provenance.
+    """
+
+    name: str = "base"
+    model_id: str = ""
+    model_revision: str | None = None
+
+    @abc.abstractmethod
+    def generate(
+        self, conversations: list[Conversation], params: SamplingParams
+    ) -> list[list[Completion]]:
+        """Return ``params.n`` completions for each conversation, in input order."""
+
+    @abc.abstractmethod
+    def score_choices(
+        self, conversations: list[Conversation], choices: list[str]
+    ) -> list[ChoiceScores]:
+        """Log-probability of each choice string as the start of the assistant's reply."""
+
+    def count_tokens(self, conversation: Conversation) -> int:
+        """Prompt length in tokens after the chat template (used to sort and to guard context)."""
+        return sum(len(m["content"]) for m in conversation) // 4
+
+    @property
+    def max_context(self) -> int | None:
+        return None
+
+    def describe(self) -> dict[str, Any]:
+        """Provenance of this backend for records and cards."""
+        return {"backend": self.name, "model": self.model_id, "revision": self.model_revision}
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Free the model's memory."""
+
+    def __enter__(self) -> Backend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
