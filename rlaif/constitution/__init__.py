@@ -1,0 +1,20 @@
+"""Constitutions: load, validate, version, hash, diff and import."""
+
+from rlaif.constitution.diff import ConstitutionDiff, diff_constitutions
+from rlaif.constitution.dump import to_yaml
+from rlaif.constitution.importers import import_constitution
+from rlaif.constitution.loader import builtin_names, find_constitution, load_constitution
+from rlaif.constitution.model import Constitution, Example, Principle
+
+__all__ = [
+    "Constitution",
+    "ConstitutionDiff",
+    "Example",
+    "Principle",
+    "builtin_names",
+    "diff_constitutions",
+    "find_constitution",
+    "import_constitution",
+    "load_constitution",
+    "to_yaml",
+]

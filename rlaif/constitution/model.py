@@ -1,0 +1,172 @@
+"""Constitution data model: principles, few-shot examples, and their canonical form."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+from rlaif.errors import ConfigError
+
+PRINCIPLE_FIELDS = ("id", "title", "tags", "weight", "critique", "revision", "judge")
+EXAMPLE_FIELDS = (
+    "conversation",
+    "response",
+    "critique_request",
+    "critique",
+    "revision_request",
+    "revision",
+)
+
+
+@dataclass(frozen=True)
+class Principle:
+    """One principle of a constitution.
+
+    A principle with ``critique`` and ``revision`` drives the critique-and-revise loop; one with
+    ``judge`` (a pairwise comparison question) drives the AI judge. It may have both.
+    """
+
+    id: str
+    title: str
+    tags: tuple[str, ...] = ()
+    weight: float = 1.0
+    critique: str | None = None
+    revision: str | None = None
+    judge: str | None = None
+
+    @property
+    def can_critique(self) -> bool:
+        return self.critique is not None and self.revision is not None
+
+    @property
+    def can_judge(self) -> bool:
+        return self.judge is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict with every field (the canonical form of a principle)."""
+        return {
+            "id": self.id,
+            "title": self.title,
+            "tags": list(self.tags),
+            "weight": float(self.weight),
+            "critique": self.critique,
+            "revision": self.revision,
+            "judge": self.judge,
+        }
+
+
+@dataclass(frozen=True)
+class Example:
+    """A few-shot example: a conversation, a response, its critique and its revision."""
+
+    conversation: tuple[tuple[str, str], ...]  # (role, content) pairs, ending with a user turn
+    response: str
+    critique_request: str
+    critique: str
+    revision_request: str
+    revision: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "conversation": [{"role": r, "content": c} for r, c in self.conversation],
+            "response": self.response,
+            "critique_request": self.critique_request,
+            "critique": self.critique,
+            "revision_request": self.revision_request,
+            "revision": self.revision,
+        }
+
+
+@dataclass(frozen=True)
+class Constitution:
+    """A validated constitution with ``extends`` already resolved.
+
+    Attributes:
+        name: short name, e.g. ``"helpful-harmless"``.
+        version: semantic version string.
+        description: what the constitution is for.
+        principles: in file order (parents' principles first, then the child's additions).
+        examples: few-shot examples for critique and revision.
+        source: where the text comes from (a citation), if given.
+        path: the file it was loaded from, if any.
+        parents: names of the constitutions it extends, nearest first.
+    """
+
+    name: str
+    version: str
+    description: str = ""
+    principles: tuple[Principle, ...] = ()
+    examples: tuple[Example, ...] = ()
+    source: str | None = None
+    path: str | None = None
+    parents: tuple[str, ...] = field(default=(), compare=False)
+
+    def principle(self, pid: str) -> Principle:
+        for p in self.principles:
+            if p.id == pid:
+                return p
+        raise KeyError(pid)
+
+    @property
+    def critique_principles(self) -> tuple[Principle, ...]:
+        return tuple(p for p in self.principles if p.can_critique)
+
+    @property
+    def judge_principles(self) -> tuple[Principle, ...]:
+        return tuple(p for p in self.principles if p.can_judge)
+
+    def canonical(self) -> dict[str, Any]:
+        """The meaning of the constitution as plain data.
+
+        Key order, YAML formatting, comments, quoting and how ``extends`` was spelled do not
+        appear here; ``version`` does not either, so that a version bump alone keeps the hash
+        and a content change under an unchanged version can be detected.
+        """
+        return {
+            "name": self.name,
+            "description": self.description,
+            "source": self.source,
+            "principles": [p.to_dict() for p in self.principles],
+            "examples": [e.to_dict() for e in self.examples],
+        }
+
+    @property
+    def content_hash(self) -> str:
+        """sha256 hex of the canonical form."""
+        blob = json.dumps(
+            self.canonical(), sort_keys=True, ensure_ascii=False, separators=(",", ":")
+        )
+        return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+    def provenance(self) -> dict[str, Any]:
+        """What a record needs to say which constitution made it."""
+        return {"name": self.name, "version": self.version, "hash": self.content_hash}
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved constitution as a YAML-ready mapping (no ``extends``)."""
+        out: dict[str, Any] = {"name": self.name, "version": self.version}
+        if self.description:
+            out["description"] = self.description
+        if self.source:
+            out["source"] = self.source
+        out["principles"] = [
+            {k: v for k, v in p.to_dict().items() if v is not None and v != []}
+            for p in self.principles
+        ]
+        if self.examples:
+            out["examples"] = [e.to_dict() for e in self.examples]
+        return out
+
+    def sample_principles(
+        self, k: int, rng: random.Random, *, kind: str = "critique"
+    ) -> list[Principle]:
+        """Draw ``k`` principles of a kind (``critique`` or ``judge``) with replacement, by weight."""
+        pool = self.critique_principles if kind == "critique" else self.judge_principles
+        if not pool:
+            raise ConfigError(
+                f"constitution '{self.name}' has no {kind} principles", file=self.path
+            )
+        return rng.choices(list(pool), weights=[p.weight for p in pool], k=k)
