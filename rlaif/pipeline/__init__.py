@@ -1,0 +1,14 @@
+"""Pipelines: config files, prompt sources, model calls and the resumable runner."""
+
+from rlaif.pipeline.config import PipelineConfig, load_pipeline
+from rlaif.pipeline.runner import RunResult, run_pipeline
+from rlaif.pipeline.sources import PromptItem, read_prompts
+
+__all__ = [
+    "PipelineConfig",
+    "PromptItem",
+    "RunResult",
+    "load_pipeline",
+    "read_prompts",
+    "run_pipeline",
+]

@@ -1,0 +1,140 @@
+"""Export SL-CAI results: an SFT dataset and CAI-SL preference pairs, in TRL's formats.
+
+* SFT (``messages``): the prompt turns plus the final revision as the assistant turn.
+* Pairs (explicit-prompt conversational): ``prompt`` messages, ``chosen`` = the final revision,
+  ``rejected`` = the initial response, each as a one-message assistant list.
+
+Rows follow the order of the prompt source, so an interrupted-and-resumed run exports the same
+bytes as an uninterrupted one. Every trace is accounted for: exported, or filtered with a reason.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections import Counter
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from rlaif.errors import StoreError
+from rlaif.pipeline.config import ExportConfig
+from rlaif.store import Manifest, StageStore
+
+
+def sl_cai_rows(
+    traces: Iterable[dict[str, Any]],
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], Counter[str]]:
+    """Build SFT rows and pair rows from trace records; returns (sft, pairs, filtered)."""
+    sft, pairs = [], []
+    filtered: Counter[str] = Counter()
+    for t in traces:
+        if t.get("status") != "ok":
+            filtered[f"generation failed: {str(t.get('reason', '')).split(':')[0]}"] += 1
+            continue
+        final, initial = t["final_response"].strip(), t["initial_response"].strip()
+        if not final:
+            filtered["empty revision"] += 1
+            continue
+        sft.append(
+            {
+                "messages": [*t["prompt"], {"role": "assistant", "content": final}],
+                "prompt_id": t["prompt_id"],
+            }
+        )
+        if not initial:
+            filtered["empty initial response"] += 1
+        elif final == initial:
+            filtered["revision identical to initial response"] += 1
+        else:
+            pairs.append(
+                {
+                    "prompt": t["prompt"],
+                    "chosen": [{"role": "assistant", "content": final}],
+                    "rejected": [{"role": "assistant", "content": initial}],
+                    "prompt_id": t["prompt_id"],
+                    "principle_ids": t.get("principle_ids", []),
+                }
+            )
+    return sft, pairs, filtered
+
+
+def _write_jsonl(rows: list[dict[str, Any]], path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _write_dataset(rows: list[dict[str, Any]], folder: Path, fmt: str) -> None:
+    import datasets
+
+    datasets.disable_progress_bars()  # the run's own progress line is enough
+    ds = datasets.Dataset.from_list(rows) if rows else datasets.Dataset.from_dict({})
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    if fmt == "parquet":
+        ds.to_parquet(str(tmp))
+        os.replace(tmp, folder)
+        return
+    shutil.rmtree(tmp, ignore_errors=True)
+    ds.save_to_disk(str(tmp))
+    old = folder.with_name(f".{folder.name}.old")
+    if folder.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def export_sl_cai(
+    run_dir: Path,
+    traces: StageStore,
+    cfg: ExportConfig,
+    manifest: Manifest,
+    order: list[str] | None = None,
+) -> dict[str, Any]:
+    """Write the SFT and pair datasets under ``run_dir/export`` and account for them.
+
+    Args:
+        run_dir: the run directory.
+        traces: the critique-and-revise trace records.
+        cfg: what to export and in which formats.
+        manifest: its ``info["export"]`` gets the counts and filter reasons.
+        order: trace ids in prompt-source order (rows follow it).
+    """
+    records = [traces.get(i) for i in order] if order is not None else list(traces.iter_records())
+    sft, pairs, filtered = sl_cai_rows(r for r in records if r is not None)
+    out = Path(run_dir) / "export"
+    out.mkdir(parents=True, exist_ok=True)
+    written: dict[str, Any] = {}
+    try:
+        for name, rows, wanted in (("sft", sft, cfg.sft), ("pairs", pairs, cfg.pairs)):
+            if not wanted:
+                continue
+            paths = []
+            for fmt in cfg.formats:
+                if fmt == "jsonl":
+                    path = out / f"{name}.jsonl"
+                    _write_jsonl(rows, path)
+                else:
+                    path = out / (f"{name}.parquet" if fmt == "parquet" else name)
+                    _write_dataset(rows, path, fmt)
+                paths.append(str(path))
+            written[name] = {"rows": len(rows), "paths": paths}
+    except OSError as exc:
+        raise StoreError(
+            f"cannot write the export: {exc.strerror or exc}; the records are safe, "
+            "re-run to export again",
+            file=getattr(exc, "filename", None) or out,
+        ) from None
+    manifest.info["export"] = {
+        "sft_rows": len(sft),
+        "pair_rows": len(pairs),
+        "filtered": dict(filtered),
+        "files": written,
+    }
+    return {"sft": sft, "pairs": pairs, "filtered": dict(filtered), "files": written}

@@ -1,0 +1,201 @@
+"""Prompt sources: JSONL, CSV, Parquet and ``datasets.load_from_disk`` folders.
+
+Each row becomes a :class:`PromptItem`: a stable id and a conversation that ends with a user
+turn. The prompt column may hold plain text, a list of ``{role, content}`` messages, or an
+HH-RLHF transcript (``"\\n\\nHuman: ...\\n\\nAssistant: ..."``), whose last assistant reply is
+dropped so the model answers the last human turn.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rlaif.errors import DataError
+from rlaif.store.hashing import content_hash
+
+_HH_TURN = re.compile(r"\n\n(Human|Assistant): ?")
+_MAX_LINE = 16 * 1024 * 1024  # a JSONL row larger than this is refused, not loaded
+
+
+@dataclass(frozen=True)
+class PromptItem:
+    """One prompt: ``id`` is the source's id column, or a hash of the conversation."""
+
+    id: str
+    conversation: tuple[tuple[str, str], ...]
+    row: int  # 1-based row (or line) in the source, for messages
+
+    def messages(self) -> list[dict[str, str]]:
+        return [{"role": r, "content": c} for r, c in self.conversation]
+
+
+def parse_hh(text: str) -> list[tuple[str, str]]:
+    """Split an HH-RLHF transcript into (role, content) turns."""
+    parts = _HH_TURN.split(text if text.startswith("\n\n") else "\n\n" + text)
+    role = {"Human": "user", "Assistant": "assistant"}
+    return [(role[parts[i]], parts[i + 1].strip()) for i in range(1, len(parts) - 1, 2)]
+
+
+def to_conversation(value: Any, where: dict[str, Any]) -> tuple[tuple[str, str], ...]:
+    """Turn a prompt cell into a conversation ending with a user turn."""
+    if isinstance(value, str):
+        if "\n\nHuman:" in value or value.startswith("Human:"):
+            turns = parse_hh(value)
+            while turns and turns[-1][0] == "assistant":
+                turns.pop()
+        else:
+            turns = [("user", value.strip())]
+    elif isinstance(value, (list, tuple)):
+        turns = []
+        for m in value:
+            if (
+                not isinstance(m, dict)
+                or not isinstance(m.get("content"), str)
+                or m.get("role") not in ("system", "user", "assistant")
+            ):
+                raise DataError(
+                    "messages must be {role, content} with role system/user/assistant", **where
+                )
+            turns.append((m["role"], m["content"]))
+        while turns and turns[-1][0] == "assistant":
+            turns.pop()
+    else:
+        raise DataError(
+            f"prompt must be text or a list of messages, got {type(value).__name__}", **where
+        )
+    if not turns or turns[-1][0] != "user" or not turns[-1][1].strip():
+        raise DataError("prompt is empty or has no user turn", **where)
+    return tuple(turns)
+
+
+def _rows_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
+    with path.open("rb") as fh:
+        for n, raw in enumerate(fh, start=1):
+            if len(raw) > _MAX_LINE:
+                raise DataError(f"line longer than {_MAX_LINE} bytes", file=path, line=n)
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise DataError("line is not valid UTF-8", file=path, line=n) from None
+            if not text.strip():
+                continue
+            try:
+                yield n, json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"invalid JSON: {exc.msg}", file=path, line=n) from None
+
+
+def _rows_csv(path: Path) -> Iterator[tuple[int, Any]]:
+    try:
+        with path.open(encoding="utf-8", newline="") as fh:
+            reader = csv.DictReader(fh)
+            for row in reader:
+                yield reader.line_num, row
+    except UnicodeDecodeError:
+        raise DataError("file is not valid UTF-8", file=path) from None
+    except csv.Error as exc:
+        raise DataError(f"invalid CSV: {exc}", file=path) from None
+
+
+def _rows_table(path: Path, fmt: str, split: str | None) -> Iterator[tuple[int, Any]]:
+    try:
+        if fmt == "parquet":
+            import pyarrow.parquet as pq
+
+            table = pq.read_table(path)
+            rows = table.to_pylist()
+        else:
+            import datasets
+
+            ds = datasets.load_from_disk(str(path))
+            if isinstance(ds, datasets.DatasetDict):
+                if split is None:
+                    split = "train" if "train" in ds else next(iter(ds))
+                if split not in ds:
+                    raise DataError(
+                        f"no split '{split}' (has: {', '.join(ds)})",
+                        file=path,
+                        field="prompts.split",
+                    )
+                ds = ds[split]
+            rows = iter(ds)
+    except DataError:
+        raise
+    except Exception as exc:  # pyarrow / datasets raise many types for a bad file
+        raise DataError(f"cannot read {fmt} data: {str(exc).splitlines()[0]}", file=path) from None
+    for i, row in enumerate(rows, start=1):
+        yield i, row
+
+
+def detect_format(path: Path) -> str:
+    if path.is_dir():
+        return "disk"
+    suffix = path.suffix.lower()
+    return {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".parquet": "parquet"}.get(
+        suffix, "jsonl"
+    )
+
+
+def read_prompts(
+    path: Path,
+    *,
+    fmt: str = "auto",
+    field: str = "prompt",
+    id_field: str | None = None,
+    split: str | None = None,
+    offset: int = 0,
+    limit: int | None = None,
+) -> tuple[list[PromptItem], list[dict[str, Any]]]:
+    """Read prompts and return ``(items, skipped)``.
+
+    ``skipped`` lists rows left out with a reason (duplicates), so every input is accounted
+    for. Malformed rows raise :class:`DataError` naming file, line and column.
+    """
+    if not path.exists():
+        raise DataError("prompt source not found", file=path, field="prompts.path")
+    fmt = detect_format(path) if fmt == "auto" else fmt
+    if fmt == "jsonl":
+        rows = _rows_jsonl(path)
+    elif fmt == "csv":
+        rows = _rows_csv(path)
+    else:
+        rows = _rows_table(path, fmt, split)
+    items: list[PromptItem] = []
+    skipped: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    index = -1
+    for line, row in rows:
+        index += 1
+        if index < offset:
+            continue
+        if limit is not None and len(items) + len(skipped) >= limit:
+            break
+        where = {"file": str(path), "line": line, "field": field}
+        if not isinstance(row, dict):
+            raise DataError("row is not an object", file=path, line=line)
+        if field not in row:
+            cols = ", ".join(map(str, row)) or "none"
+            raise DataError(f"no column '{field}' (columns: {cols}); set prompts.field", **where)
+        conversation = to_conversation(row[field], where)
+        if id_field:
+            if row.get(id_field) in (None, ""):
+                raise DataError(
+                    f"empty id column '{id_field}'", file=path, line=line, field=id_field
+                )
+            pid = str(row[id_field])
+        else:
+            pid = content_hash([list(t) for t in conversation])[:16]
+        if pid in seen:
+            skipped.append({"id": pid, "row": line, "reason": "duplicate prompt"})
+            continue
+        seen.add(pid)
+        items.append(PromptItem(id=pid, conversation=conversation, row=line))
+    if not items:
+        raise DataError("no prompts found", file=path, field="prompts.path")
+    return items, skipped
