@@ -1,0 +1,164 @@
+"""Canonical JSON and the content hashes built on it: record ids and model-call cache keys.
+
+A hash is only useful if the same content always gives the same bytes. ``canonical_json``
+therefore fixes every choice ``json.dumps`` leaves open: keys are sorted, there is no
+whitespace, text is written as UTF-8 rather than ``\\u`` escapes, tuples become lists, and
+numbers that compare equal in Python (``1 == 1.0``, ``0.0 == -0.0``) are written the same way.
+Non-finite floats (NaN, Infinity) have no JSON form, so they are rejected with the path of the
+offending value instead of being written in a form other tools cannot read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from rlaif.errors import StoreError
+
+__all__ = [
+    "RECORD_ID_HEX",
+    "CanonicalJSONError",
+    "cache_key",
+    "canonical_json",
+    "content_hash",
+    "record_id",
+]
+
+# 24 hex chars = 96 bits. For n ids the chance of any collision is about n**2 / 2**97:
+# ~6e-18 at a million records and ~6e-12 at a billion, far below the odds of a disk error.
+RECORD_ID_HEX = 24
+
+# Floats beyond 2**53 are not exact integers, so only smaller ones are folded to int form.
+_EXACT_INT_LIMIT = 2**53
+
+# Parameters that decide *how* a call is executed, never *what* it returns. They are dropped
+# from cache keys so that re-running with another batch size or device still hits the cache.
+_EXECUTION_ONLY_PARAMS = frozenset(
+    {"batch_size", "device", "num_workers", "workers", "max_batch_tokens"}
+)
+
+
+_CANONICAL = json.JSONEncoder(
+    sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+)
+
+
+class CanonicalJSONError(StoreError, ValueError):
+    """A value cannot be written as canonical JSON (NaN, Infinity, or a non-JSON type)."""
+
+
+def _normalize(obj: Any, path: str) -> Any:
+    """Return ``obj`` as plain JSON types, folding equal numbers to one form."""
+    # bool before int: bool is an int subclass, but JSON keeps true/false apart from 1/0.
+    if obj is None or isinstance(obj, bool):
+        return obj
+    if isinstance(obj, str):
+        return str.__str__(obj)  # plain str for str subclasses (e.g. str enums)
+    if isinstance(obj, int):
+        return int(obj)
+    if isinstance(obj, float):
+        if not math.isfinite(obj):
+            raise CanonicalJSONError(
+                f"{obj!r} at {path} has no JSON form; use null or a string instead"
+            )
+        if obj.is_integer() and abs(obj) < _EXACT_INT_LIMIT:
+            return int(obj)
+        return float(obj)
+    if isinstance(obj, Mapping):
+        out = {}
+        for key, value in obj.items():
+            if not isinstance(key, str):
+                # json would turn 1 into "1" and make {1: a} and {"1": a} hash alike.
+                raise CanonicalJSONError(
+                    f"key {key!r} at {path} is a {type(key).__name__}; JSON keys must be strings"
+                )
+            out[str.__str__(key)] = _normalize(value, f"{path}.{key}")
+        return out
+    if isinstance(obj, (list, tuple)):
+        return [_normalize(v, f"{path}[{i}]") for i, v in enumerate(obj)]
+    raise CanonicalJSONError(f"value at {path} is a {type(obj).__name__}, which is not JSON")
+
+
+def canonical_json(obj: Any) -> str:
+    """Serialise ``obj`` to the one canonical JSON text used for hashing.
+
+    Args:
+        obj: dicts with string keys, lists, tuples, str, int, float, bool and None.
+
+    Returns:
+        Compact JSON with sorted keys and unescaped Unicode.
+
+    Raises:
+        CanonicalJSONError: for NaN / Infinity, non-string keys or non-JSON types; the
+            message names the path of the value (e.g. ``$.params.temperature``).
+    """
+    return _CANONICAL.encode(_normalize(obj, "$"))
+
+
+def content_hash(obj: Any) -> str:
+    """SHA-256 (hex) of ``canonical_json(obj)`` encoded as UTF-8."""
+    # surrogatepass: a lone surrogate in user text must still hash, not crash the run.
+    data = canonical_json(obj).encode("utf-8", "surrogatepass")
+    return hashlib.sha256(data).hexdigest()
+
+
+def record_id(stage: str, inputs: Mapping[str, Any]) -> str:
+    """Stable id of a record: the content hash of its stage name and inputs.
+
+    The first :data:`RECORD_ID_HEX` hex digits (96 bits) are kept; see the note on that
+    constant for why collisions are not a practical concern.
+
+    Args:
+        stage: stage name, so the same inputs in two stages get different ids.
+        inputs: everything the record's outputs are derived from.
+    """
+    return content_hash({"stage": stage, "inputs": inputs})[:RECORD_ID_HEX]
+
+
+def cache_key(
+    *,
+    model: str,
+    revision: str | None,
+    messages: list[dict[str, Any]],
+    params: Mapping[str, Any] | Any,
+    template_hash: str | None,
+    kind: str = "generate",
+) -> str:
+    """Key of one model call: a hash of everything that changes its output.
+
+    Covered: the call kind (``"generate"``, ``"score_choices"``, ...), model id and revision,
+    the rendered messages, all sampling params (seed included) and the template hash. Not
+    covered, by design: batch size, device and worker count; any such key found in ``params``
+    (``batch_size``, ``device``, ``num_workers``, ``workers``, ``max_batch_tokens``) is ignored.
+
+    Args:
+        model: model id or path, as the backend reports it.
+        revision: resolved revision or weights hash; ``None`` if unknown.
+        messages: the rendered chat messages sent to the model.
+        params: sampling params as a mapping, or an object with ``to_dict()`` (for example
+            :class:`rlaif.backends.base.SamplingParams`). For ``score_choices`` pass the choices.
+        template_hash: hash of the prompt template that rendered ``messages``.
+        kind: what the call does; calls of different kinds never share a key.
+
+    Returns:
+        64 hex characters (full SHA-256; cache entries are not user-facing, so no shortening).
+    """
+    if not isinstance(params, Mapping) and hasattr(params, "to_dict"):
+        params = params.to_dict()
+    if not isinstance(params, Mapping):
+        raise CanonicalJSONError(f"params must be a mapping, not {type(params).__name__}")
+    kept = {k: v for k, v in params.items() if k not in _EXECUTION_ONLY_PARAMS}
+    return content_hash(
+        {
+            "v": 1,  # bump if the key layout changes, so old caches miss instead of lying
+            "kind": kind,
+            "model": model,
+            "revision": revision,
+            "messages": messages,
+            "params": kept,
+            "template_hash": template_hash,
+        }
+    )
