@@ -1,6 +1,8 @@
 """``rlaif demo``: the main job on the embedded default model.
 
-Until the generation pipeline is available it tours the constitution tools instead.
+Runs the built-in quickstart pipeline (SL-CAI on about 20 red-team prompts with
+SmolLM2-135M-Instruct on CPU) and prints where the datasets are and a few rows. ``--tour``
+instead walks through the constitution tools without loading a model.
 """
 
 from __future__ import annotations
@@ -12,10 +14,35 @@ from rlaif.constitution import builtin_names, diff_constitutions, load_constitut
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="run the quickstart on the embedded default model")
+    p.add_argument("--out", default="runs/quickstart", metavar="DIR", help="run directory")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a quickstart field, e.g. --set prompts.limit=5",
+    )
+    p.add_argument("--tour", action="store_true", help="tour the constitution tools instead")
     p.set_defaults(func=_demo)
 
 
 def _demo(args: argparse.Namespace) -> int:
+    if args.tour:
+        return _tour()
+    from rlaif.cli.run_cmd import run_command
+
+    ns = argparse.Namespace(
+        pipeline="quickstart",
+        overrides=args.overrides,
+        out=args.out,
+        retry_errors=False,
+        quiet=False,
+    )
+    return run_command(ns)
+
+
+def _tour() -> int:
     from rlaif.prompts import PromptBook
 
     print("rlaif constitution tour\n")
