@@ -1,0 +1,541 @@
+"""RL-CAI pairwise AI judge: is response x or y better under a principle? Both orders, always.
+
+Pure functions; the pipeline runner owns model calls, batching, caching and storage. A judgement
+of the pair (x, y) under one principle asks the judge twice: order 1 shows (x, y) as (A, B),
+order 2 shows (y, x). Each order gives ``p_first``, the probability that the option shown first
+is better:
+
+* ``mode="logprob"`` (default): one forward pass per order, no generation. The backend scores
+  the option tokens; ``p_first = exp(lpA) / (exp(lpA) + exp(lpB))``, renormalized over the two
+  options only (the rest of the vocabulary is ignored), computed stably for values like -1e9
+  or -inf. Both -inf, NaN or +inf is an error, never a guess.
+* ``mode="reasoning"``: the judge writes its reasoning and ends with ``Answer: A`` or
+  ``Answer: B`` (see :func:`parse_answer`). The chosen option gets ``band[1]``, the other
+  ``band[0]`` (the CAI paper clamps chain-of-thought labels to 40-60 %).
+
+Then ``p1 = p_first(order 1)`` and ``p2 = 1 - p_first(order 2)`` both estimate P(x better), and
+``p_a_better = (p1 + p2) / 2`` cancels position bias. The tie rule (:func:`decide`), in order:
+
+1. ``|p1 - p2| > tie_threshold`` (default 0.5) -> tie: the order moved the answer by more than
+   half the probability scale. Two probabilities on the same side of 0.5 always differ by less
+   than 0.5, so with the default this fires only when the orders point different ways and one
+   of them is confident (0.98 vs 0.47); lower it for a stricter judge.
+2. The orders pick different winners, each more than ``flip_margin`` (default 0.05) from 0.5
+   -> tie: the judge follows the position, not the content. The margin keeps a near-indifferent
+   order (0.48) from vetoing a clear one.
+3. ``|p_a_better - 0.5| <= tie_margin`` (default 0: only an exact 0.5) -> tie.
+4. Otherwise the winner is ``"a"`` (x) if ``p_a_better > 0.5``, else ``"b"`` (y).
+
+Comparisons ignore differences below ``TOL = 1e-9`` (round-off of exp/log). Worked examples:
+lp1 = {A: ln .8, B: ln .2}, lp2 = {A: ln .3, B: ln .7} -> p1 = .8, p2 = .7, p = .75, winner a.
+P(A) = .9 in order 1 and .85 in order 2 -> p1 = .9, p2 = .15, |p1 - p2| = .75 > .5 -> tie.
+p1 = .7, p2 = .4 -> gap .3 passes rule 1, but winners differ by .2 and .1 > .05 -> tie.
+p1 = .7, p2 = .48 -> order 2 is within .05 of 0.5 -> no veto; p = .59, winner a.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from rlaif.backends.base import ChoiceScores, Conversation, SamplingParams
+from rlaif.constitution import Constitution, Principle
+from rlaif.errors import ConfigError, RlaifError
+from rlaif.pipeline.calls import GenRequest
+from rlaif.prompts import PromptBook
+from rlaif.store import content_hash
+
+MODES = ("logprob", "reasoning")
+TEMPLATES = {"logprob": "judge_mc", "reasoning": "judge_cot"}
+TOL = 1e-9
+P_CLIP = 1e-6  # margins are logit(p) with p clipped here: |margin| <= 13.8
+
+
+class VerdictError(RlaifError):
+    """A judge output that is not a probability (recorded as an error, never guessed); ``raw``
+    holds the model's text or a repr of the option scores."""
+
+    def __init__(self, message: str, raw: str = "") -> None:
+        super().__init__(message)
+        self.raw = raw
+
+
+class VerdictParseError(VerdictError):
+    """A reasoning reply whose last non-empty line is not a strict ``Answer: X`` line."""
+
+
+@dataclass(frozen=True)
+class JudgeConfig:
+    """How to judge a pair. Invalid values raise :class:`ConfigError` naming the field.
+
+    Args:
+        mode: ``"logprob"`` (score the option tokens) or ``"reasoning"`` (chain of thought).
+        tie_threshold: tie when the two orders' P(x better) differ by more than this.
+        flip_margin: tie when the orders pick different winners, both further than this from 0.5.
+        tie_margin: tie when the combined probability is within this of 0.5.
+        band: (loser, winner) probabilities of a reasoning verdict; symmetric around 0.5.
+        principles_k: judge principles sampled per pair (the ensemble size).
+        options: the two option labels shown to the judge.
+        min_option_mass: logprob mode: error when the two options together get less probability
+            than this (the judge was not answering with a letter); 0 disables the check.
+        sampling: how reasoning replies are generated.
+    """
+
+    mode: str = "logprob"
+    tie_threshold: float = 0.5
+    flip_margin: float = 0.05
+    tie_margin: float = 0.0
+    band: tuple[float, float] = (0.4, 0.6)
+    principles_k: int = 1
+    options: tuple[str, str] = ("A", "B")
+    min_option_mass: float = 0.0
+    sampling: SamplingParams = field(default_factory=lambda: SamplingParams(max_new_tokens=512))
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "band", tuple(self.band))
+        object.__setattr__(self, "options", tuple(self.options))
+        lo, hi = (*self.band, math.nan, math.nan)[:2]
+        opts = self.options
+        band_ok = len(self.band) == 2 and 0 <= lo < 0.5 < hi <= 1 and abs(lo + hi - 1) < TOL
+        labels_ok = len(opts) == 2 and opts[0] != opts[1]
+        labels_ok &= all(isinstance(o, str) and o.strip() == o != "" for o in opts)
+        checks = [
+            ("mode", self.mode in MODES, f"must be one of {', '.join(MODES)}"),
+            ("tie_threshold", 0 <= self.tie_threshold <= 1, "must be in [0, 1]"),
+            ("flip_margin", 0 <= self.flip_margin < 0.5, "must be in [0, 0.5)"),
+            ("tie_margin", 0 <= self.tie_margin < 0.5, "must be in [0, 0.5)"),
+            ("min_option_mass", 0 <= self.min_option_mass <= 1, "must be in [0, 1]"),
+            ("principles_k", self.principles_k >= 1, "must be >= 1"),
+            ("band", band_ok, "must be (lo, hi), 0 <= lo < 0.5 < hi <= 1, lo + hi == 1"),
+            ("options", labels_ok, "must be two distinct non-empty labels without outer spaces"),
+        ]
+        for name, ok, why in checks:
+            if not ok:
+                raise ConfigError(f"judge {name} {why}, got {getattr(self, name)!r}", field=name)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.update(band=list(self.band), options=list(self.options), sampling=self.sampling.to_dict())
+        return d
+
+
+@dataclass
+class OrderResult:
+    """One order of one judgement. ``p_first`` is P(the option shown first is better)."""
+
+    order: int  # 1: (x, y) shown as (A, B); 2: (y, x)
+    p_first: float | None = None
+    choice: str | None = None  # the preferred label; None at exactly 0.5 or on error
+    logprobs: dict[str, float | None] | None = None  # None marks a non-finite score (no JSON inf)
+    log_mass: float | None = None  # log(P(A) + P(B)) as scored, before renormalizing
+    raw_text: str | None = None
+    error: str | None = None
+
+
+@dataclass
+class Verdict:
+    """P(x better than y) for one pair, from both orders (or an ensemble of such verdicts).
+
+    ``winner`` is ``"a"`` (x, the pair's first response), ``"b"`` (y), ``"tie"``, or None when
+    ``status == "error"``; ``reason`` says why a tie or an error. ``first_position_preferred``
+    counts the orders (of ``n_orders``) where the option shown first won, for audits.
+    """
+
+    status: str  # "ok" | "error"
+    winner: str | None = None
+    p_a_better: float | None = None
+    p_order1: float | None = None
+    p_order2: float | None = None
+    position_consistent: bool | None = None
+    first_position_preferred: int = 0
+    n_orders: int = 0
+    reason: str | None = None
+    mode: str = "logprob"
+    principle_ids: list[str] = field(default_factory=list)
+    models: list[str] = field(default_factory=list)
+    orders: list[OrderResult] = field(default_factory=list)
+    members: list[Verdict] = field(default_factory=list)  # an ensemble's judgements
+    n_errors: int = 0  # failed judgements within (1 for a failed single judgement)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON data; never NaN or infinity (the store rejects them)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Verdict:
+        kw = dict(d)
+        kw["orders"] = [OrderResult(**o) for o in kw.get("orders", [])]
+        kw["members"] = [cls.from_dict(m) for m in kw.get("members", [])]
+        return cls(**kw)
+
+
+@dataclass
+class ScoreRequest:
+    """A logprob-mode request: score ``choices`` as the assistant's reply to ``messages``."""
+
+    messages: Conversation
+    choices: tuple[str, ...]
+    template_hash: str | None = None
+
+
+# -- requests ---------------------------------------------------------------------------------
+
+
+def judge_principles(
+    constitution: Constitution, k: int, seed: int, pair_id: str
+) -> list[Principle]:
+    """``k`` judge principles for a pair, by weight and with replacement, seeded by (seed, pair)
+    so the draw does not depend on batch order or on the other pairs of the run."""
+    rng = random.Random(int(content_hash([seed, pair_id])[:16], 16))
+    return constitution.sample_principles(k, rng, kind="judge")
+
+
+def judge_requests(
+    book: PromptBook,
+    conversation: Conversation,
+    response_a: str,
+    response_b: str,
+    principle: Principle,
+    cfg: JudgeConfig,
+    *,
+    system: str | None = None,
+) -> tuple[ScoreRequest, ScoreRequest] | tuple[GenRequest, GenRequest]:
+    """The two requests judging (x = ``response_a``, y = ``response_b``): order 1, order 2.
+
+    Logprob mode gives :class:`ScoreRequest` s for ``backend.score_choices(messages, choices)``;
+    reasoning mode gives :class:`GenRequest` s for generation with ``cfg.sampling``.
+    """
+    ctx = {"conversation": conversation, "principle": principle.to_dict(), "system": system}
+    ctx["options"] = list(cfg.options)
+    reqs = []
+    for first, second in ((response_a, response_b), (response_b, response_a)):
+        r = book.render(TEMPLATES[cfg.mode], response_a=first, response_b=second, **ctx)
+        if cfg.mode == "logprob":
+            reqs.append(ScoreRequest(r.messages, cfg.options, r.template_hash))
+        else:
+            reqs.append(GenRequest(r.messages, cfg.sampling, r.template_hash))
+    return reqs[0], reqs[1]
+
+
+# -- one order ----------------------------------------------------------------------------------
+
+
+def p_first_option(
+    logprobs: Mapping[str, float], options: Sequence[str] = ("A", "B")
+) -> tuple[float, float]:
+    """P(first option) renormalized over the two options, and log(P(A) + P(B)).
+
+    Raises:
+        VerdictError: an option is missing or not a number, a score is NaN or +inf, or both
+            options are -inf (no probability to renormalize).
+    """
+    try:
+        la, lb = (float(logprobs[o]) for o in options[:2])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise VerdictError(f"bad option scores {logprobs!r}: {exc!r}", repr(logprobs)) from exc
+    if math.isnan(la) or math.isnan(lb) or math.inf in (la, lb):
+        raise VerdictError(f"non-finite option scores {logprobs!r}", repr(logprobs))
+    if la == lb == -math.inf:
+        raise VerdictError("both options have probability 0", repr(logprobs))
+    d = la - lb  # finite or +-inf; exp() below only sees arguments <= 0, so it never overflows
+    p = 1 / (1 + math.exp(-d)) if d >= 0 else math.exp(d) / (1 + math.exp(d))
+    log_mass = max(la, lb) + (math.log1p(math.exp(-abs(d))) if math.isfinite(d) else 0.0)
+    return p, log_mass
+
+
+_ANSWER = r"\s*(?:\*\*)?(?i:answer)(?:\*\*)?\s*:\s*(?:\*\*)?\s*(?:\((?P<p>{0})\)|(?P<l>{0}))"
+_ANSWER_END = r"(?:\*\*)?\s*\.?\s*"
+
+
+def parse_answer(text: str, options: Sequence[str] = ("A", "B")) -> str:
+    """The option a reasoning reply chose, read strictly from its last non-empty line.
+
+    That line must be ``Answer: A`` (or B), optionally bold (``**Answer:** A``,
+    ``**Answer: A**``, ``Answer: **A**``), parenthesised (``Answer: (A)``) or ending in a period.
+    ``answer`` is case-insensitive; the label is not: ``Answer: a`` is an error, because the
+    template asks for the label exactly and a parse error is counted, where a misread letter
+    would silently become a label. Earlier lines are reasoning and may mention anything, but an
+    earlier ``Answer:`` line naming the other option is a contradiction and an error.
+
+    Raises:
+        VerdictParseError: anything else (empty, no answer line, ``A or B``, ``Answer: C``, ...),
+            with the raw text in ``.raw``.
+    """
+    if not isinstance(text, str):
+        raise VerdictParseError(f"judge reply is {type(text).__name__}, not text", repr(text))
+    letters = "|".join(re.escape(o) for o in options)
+    pattern = re.compile(_ANSWER.format(letters) + _ANSWER_END)
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if not lines:
+        raise VerdictParseError("empty judge reply", text)
+    m = pattern.fullmatch(lines[-1])
+    if m is None:
+        want = " or ".join(f"'Answer: {o}'" for o in options)
+        raise VerdictParseError(f"last line is not {want}: {lines[-1][:80]!r}", text)
+    chosen = m.group("p") or m.group("l")
+    for line in lines[:-1]:
+        earlier = pattern.fullmatch(line)
+        if earlier and (earlier.group("p") or earlier.group("l")) != chosen:
+            raise VerdictParseError(f"conflicting answer lines: {line!r} then {lines[-1]!r}", text)
+    return chosen
+
+
+def _choice(p: float, options: Sequence[str]) -> str | None:
+    return options[0] if p > 0.5 + TOL else options[1] if p < 0.5 - TOL else None
+
+
+def _finite_or_none(v: Any) -> float | None:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+def _order_from_logprobs(order: int, scores: Any, cfg: JudgeConfig) -> OrderResult:
+    lp = scores.logprobs if isinstance(scores, ChoiceScores) else scores
+    if not isinstance(lp, Mapping):
+        return OrderResult(order, error=f"option scores are {type(lp).__name__}, not a mapping")
+    shown = {str(k): _finite_or_none(v) for k, v in lp.items()}
+    try:
+        p, log_mass = p_first_option(lp, cfg.options)
+    except VerdictError as exc:
+        return OrderResult(order, logprobs=shown, error=exc.message)
+    if cfg.min_option_mass > 0 and log_mass < math.log(cfg.min_option_mass):
+        why = f"options got probability {math.exp(log_mass):.3g} < min_option_mass"
+        return OrderResult(order, logprobs=shown, log_mass=log_mass, error=why)
+    return OrderResult(order, p, _choice(p, cfg.options), shown, log_mass)
+
+
+def _order_from_text(order: int, text: str, cfg: JudgeConfig) -> OrderResult:
+    try:
+        label = parse_answer(text, cfg.options)
+    except VerdictParseError as exc:
+        return OrderResult(order, raw_text=str(text), error=exc.message)
+    p = cfg.band[1] if label == cfg.options[0] else cfg.band[0]
+    return OrderResult(order, p, label, raw_text=text)
+
+
+# -- combining ----------------------------------------------------------------------------------
+
+
+def decide(p1: float, p2: float, cfg: JudgeConfig) -> tuple[str, str | None, bool]:
+    """Winner (``"a"``/``"b"``/``"tie"``), tie reason and position consistency of P(x better)
+    from order 1 (``p1``) and order 2 (``p2``); the rule is in the module docstring."""
+    side1, side2 = _choice(p1, "ab"), _choice(p2, "ab")
+    consistent = side1 is not None and side1 == side2
+    p, gap = (p1 + p2) / 2, abs(p1 - p2)
+    if gap > cfg.tie_threshold + TOL:
+        return "tie", f"orders disagree: |p1 - p2| = {gap:.4f} > {cfg.tie_threshold}", consistent
+    if side1 != side2 and min(abs(p1 - 0.5), abs(p2 - 0.5)) > cfg.flip_margin + TOL:
+        why = f"orders pick different winners (p1 = {p1:.4f}, p2 = {p2:.4f})"
+        return "tie", why, consistent
+    if abs(p - 0.5) <= cfg.tie_margin + TOL:
+        return "tie", f"combined probability {p:.4f} within {cfg.tie_margin} of 0.5", consistent
+    return ("a" if p > 0.5 else "b"), None, consistent
+
+
+def _verdict(
+    orders: list[OrderResult], cfg: JudgeConfig, principle_id: str | None, model: str | None
+) -> Verdict:
+    common: dict[str, Any] = {
+        "mode": cfg.mode,
+        "principle_ids": [principle_id] if principle_id else [],
+        "models": [model] if model else [],
+        "orders": orders,
+    }
+    failed = [f"order {o.order}: {o.error}" for o in orders if o.error is not None]
+    if failed:
+        return Verdict("error", reason="; ".join(failed), n_errors=1, **common)
+    o1, o2 = orders
+    assert o1.p_first is not None and o2.p_first is not None
+    p1, p2 = o1.p_first, 1 - o2.p_first
+    winner, reason, consistent = decide(p1, p2, cfg)
+    first = sum(o.p_first > 0.5 + TOL for o in orders)  # type: ignore[operator]
+    return Verdict("ok", winner, (p1 + p2) / 2, p1, p2, consistent, first, 2, reason, **common)
+
+
+def verdict_from_logprobs(
+    lp1: Mapping[str, float] | ChoiceScores,
+    lp2: Mapping[str, float] | ChoiceScores,
+    cfg: JudgeConfig,
+    *,
+    principle_id: str | None = None,
+    model: str | None = None,
+) -> Verdict:
+    """Verdict from the option scores of order 1 and order 2 (logprob mode).
+
+    An unusable score in either order makes the verdict an ``error`` naming the order.
+    """
+    orders = [_order_from_logprobs(i, lp, cfg) for i, lp in ((1, lp1), (2, lp2))]
+    return _verdict(orders, cfg, principle_id, model)
+
+
+def verdict_from_texts(
+    t1: str, t2: str, cfg: JudgeConfig, *, principle_id: str | None = None, model: str | None = None
+) -> Verdict:
+    """Verdict from the reasoning replies of order 1 and order 2 (reasoning mode).
+
+    Each parsed answer gives ``band[1]`` to the label it chose and ``band[0]`` to the other;
+    an unparseable reply makes the verdict an ``error`` that keeps both raw texts.
+    """
+    orders = [_order_from_text(i, t, cfg) for i, t in ((1, t1), (2, t2))]
+    return _verdict(orders, cfg, principle_id, model)
+
+
+def ensemble(verdicts: Sequence[Verdict], cfg: JudgeConfig) -> Verdict:
+    """One verdict from several (k sampled principles and/or several judge models).
+
+    Error verdicts are left out of the means and counted in ``n_errors``; if all failed, the
+    result is an error. Ties are kept in: their probabilities near 0.5 are evidence too, and
+    dropping them would favour confident, possibly position-biased judgements. The means of
+    ``p_order1`` and ``p_order2`` go through the same tie rule as a single judgement, so
+    ``p_a_better`` is the mean of the members' ``p_a_better``.
+    """
+    if not verdicts:
+        raise ValueError("ensemble() needs at least one verdict")
+    ok = [v for v in verdicts if v.status == "ok"]
+    common: dict[str, Any] = {
+        "mode": cfg.mode,
+        "principle_ids": [p for v in verdicts for p in v.principle_ids],
+        "models": list(dict.fromkeys(m for v in verdicts for m in v.models)),
+        "members": list(verdicts),
+        "n_errors": sum(v.n_errors for v in verdicts),
+    }
+    if not ok:
+        return Verdict("error", reason=f"all {len(verdicts)} judgements failed", **common)
+    p1 = sum(v.p_order1 for v in ok) / len(ok)  # type: ignore[misc]
+    p2 = sum(v.p_order2 for v in ok) / len(ok)  # type: ignore[misc]
+    winner, reason, consistent = decide(p1, p2, cfg)
+    first = sum(v.first_position_preferred for v in ok)
+    n_orders = sum(v.n_orders for v in ok)
+    return Verdict(
+        "ok", winner, (p1 + p2) / 2, p1, p2, consistent, first, n_orders, reason, **common
+    )
+
+
+# -- pairs and preference rows ------------------------------------------------------------------
+
+
+def rank_by_win_rate(n: int, verdicts_by_pair: Mapping[tuple[int, int], Verdict]) -> list[int]:
+    """Response indices best first, by round-robin win rate (win 1, tie 0.5, loss 0).
+
+    ``verdicts_by_pair[(i, j)]`` judged x = response i against y = response j. Error verdicts
+    do not count; a response with no usable verdict is left out (it cannot be best or worst).
+    Equal win rates are broken by the mean P(win), then by the lower index.
+    """
+    games: dict[int, list[tuple[float, float]]] = {}  # index -> [(score, P(win))]
+    for (i, j), v in verdicts_by_pair.items():
+        if v.status != "ok" or v.p_a_better is None or i == j or not (0 <= i < n and 0 <= j < n):
+            continue
+        score = {"a": 1.0, "b": 0.0}.get(v.winner or "", 0.5)
+        games.setdefault(i, []).append((score, v.p_a_better))
+        games.setdefault(j, []).append((1 - score, 1 - v.p_a_better))
+
+    def key(i: int) -> tuple[float, float, int]:
+        g = games[i]
+        return (-sum(s for s, _ in g) / len(g), -sum(p for _, p in g) / len(g), i)
+
+    return sorted(games, key=key)
+
+
+def candidate_pairs(
+    responses: Sequence[str],
+    strategy: str = "all",
+    verdicts_by_pair: Mapping[tuple[int, int], Verdict] | None = None,
+) -> tuple[list[tuple[int, int]], list[dict[str, Any]]]:
+    """Pairs (i, j), i < j, of sampled responses to judge, and the skipped ones with reasons.
+
+    ``"all"``: every unordered pair whose texts differ after ``strip()``, each distinct pair of
+    texts once. ``"best_vs_worst"``: the best and worst of :func:`rank_by_win_rate` over an
+    all-pairs round robin: judge the ``"all"`` pairs first, then call again with their verdicts
+    (keyed by those pairs). The verdict for the returned pair is already among them.
+    """
+    if strategy not in ("all", "best_vs_worst"):
+        raise ConfigError(f"unknown pair strategy {strategy!r}", field="strategy")
+    texts = [r.strip() for r in responses]
+    pairs: list[tuple[int, int]] = []
+    skipped: list[dict[str, Any]] = []
+    seen: dict[frozenset[str], tuple[int, int]] = {}
+    for i in range(len(texts)):
+        for j in range(i + 1, len(texts)):
+            key = frozenset((texts[i], texts[j]))
+            if texts[i] == texts[j]:
+                skipped.append({"pair": [i, j], "reason": "identical responses"})
+            elif key in seen:
+                skipped.append({"pair": [i, j], "reason": f"same texts as pair {list(seen[key])}"})
+            else:
+                seen[key] = (i, j)
+                pairs.append((i, j))
+    if strategy == "all":
+        return pairs, skipped
+    if verdicts_by_pair is None:
+        raise ValueError("best_vs_worst needs the round-robin verdicts_by_pair")
+    ranking = rank_by_win_rate(len(responses), verdicts_by_pair)
+    if len(ranking) < 2:
+        return [], [{"pair": ranking, "reason": "fewer than two judged responses"}]
+    best, worst = ranking[0], ranking[-1]
+    if texts[best] == texts[worst]:
+        return [], [{"pair": sorted([best, worst]), "reason": "identical responses"}]
+    return [(min(best, worst), max(best, worst))], []
+
+
+def margin_from_p(p_chosen: float) -> float:
+    """TRL reward margin for a pair the judge prefers with probability ``p_chosen``.
+
+    TRL's RewardTrainer minimises ``-logsigmoid(r_chosen - r_rejected - margin)``: the margin
+    is a reward gap, on the logit scale of the Bradley-Terry model ``P = sigmoid(r_c - r_r)``.
+    The gap that model needs to reproduce the judge's soft label is ``logit(p_chosen)``:
+    0.75 -> ln 3 = 1.10; a reasoning verdict at 0.6 -> ln 1.5 = 0.41; near 0.5 -> near 0.
+    ``p`` is clipped to ``[P_CLIP, 1 - P_CLIP]`` so a certain judge gives 13.8, not infinity.
+    """
+    p = min(max(p_chosen, P_CLIP), 1 - P_CLIP)
+    return math.log(p / (1 - p))
+
+
+def preference_row(
+    conversation: Conversation, x: str, y: str, verdict: Verdict
+) -> tuple[dict[str, Any] | None, str | None]:
+    """A TRL explicit-prompt conversational preference row from a verdict on (x, y).
+
+    Returns ``(row, None)`` with keys ``prompt`` (the messages), ``chosen`` and ``rejected``
+    (one assistant message each) and ``margin`` (:func:`margin_from_p`, always > 0), or
+    ``(None, reason)`` for a tie, a judge error or identical texts: never chosen == rejected.
+    """
+    if x.strip() == y.strip():
+        return None, "identical responses"
+    if verdict.status != "ok" or verdict.p_a_better is None:
+        return None, f"judge error: {verdict.reason}"
+    if verdict.winner not in ("a", "b"):
+        return None, f"tie: {verdict.reason}"
+    a_wins = verdict.winner == "a"
+    chosen, rejected = (x, y) if a_wins else (y, x)
+    p = verdict.p_a_better if a_wins else 1 - verdict.p_a_better
+    row = {
+        "prompt": [dict(m) for m in conversation],
+        "chosen": [{"role": "assistant", "content": chosen}],
+        "rejected": [{"role": "assistant", "content": rejected}],
+        "margin": margin_from_p(p),
+    }
+    return row, None
+
+
+def keep_cai_sl_pair(verdict: Verdict, min_p: float = 0.5) -> tuple[bool, str | None]:
+    """Whether a CAI-SL revision beats its initial response, judged with x = the revision.
+
+    Kept only when the judge prefers the revision (winner ``"a"``) with
+    ``p_a_better >= min_p``; a tie, an error or a preferred initial response drops it.
+    """
+    if verdict.status != "ok" or verdict.p_a_better is None:
+        return False, f"judge error: {verdict.reason}"
+    if verdict.winner == "tie":
+        return False, f"tie: {verdict.reason}"
+    if verdict.winner != "a":
+        return False, f"judge prefers the initial response (p = {verdict.p_a_better:.4f})"
+    if verdict.p_a_better < min_p - TOL:
+        return False, f"p(revision better) = {verdict.p_a_better:.4f} < min_p {min_p}"
+    return True, None
