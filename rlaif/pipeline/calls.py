@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from rlaif.backends.base import Backend, Completion, Conversation, SamplingParams
+from rlaif.backends.base import Backend, ChoiceScores, Completion, Conversation, SamplingParams
 from rlaif.errors import BackendError, ModelError
 from rlaif.store import CallCache, cache_key
 
@@ -31,10 +31,32 @@ class GenRequest:
 
 
 @dataclass
+class ScoreRequest:
+    """Score ``choices`` as the assistant's reply to ``messages`` (no generation)."""
+
+    messages: Conversation
+    choices: tuple[str, ...]
+    template_hash: str | None = None
+
+
+@dataclass
 class GenResult:
-    """Completions for a request, or the reason it failed."""
+    """Completions for a generation request, or the reason it failed."""
 
     completions: list[Completion] = field(default_factory=list)
+    error: str | None = None
+    cached: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+@dataclass
+class ScoreResult:
+    """Log-probabilities for a score request, or the reason it failed."""
+
+    scores: ChoiceScores | None = None
     error: str | None = None
     cached: bool = False
 
@@ -62,7 +84,7 @@ class ModelCaller:
     Args:
         backend_factory: makes the backend on first need, so a run whose calls are all cached
             never loads a model.
-        model: model id for cache keys; revision: its revision (from the backend once loaded).
+        model: model id for cache keys; revision: its revision (resolved without loading).
         cache: the run's call cache.
         batch_size: requests per backend call.
     """
@@ -94,13 +116,18 @@ class ModelCaller:
     def loaded(self) -> bool:
         return self._backend is not None
 
-    def key(self, req: GenRequest) -> str:
+    def key(self, req: GenRequest | ScoreRequest) -> str:
+        if isinstance(req, ScoreRequest):
+            kind, params = "score_choices", {"choices": list(req.choices)}
+        else:
+            kind, params = "generate", req.params.to_dict()
         return cache_key(
             model=self.model,
             revision=self.revision,
             messages=req.messages,
-            params=req.params.to_dict(),
+            params=params,
             template_hash=req.template_hash,
+            kind=kind,
         )
 
     def generate(
@@ -108,55 +135,83 @@ class ModelCaller:
         requests: Sequence[GenRequest],
         on_batch: Callable[[list[int], list[GenResult]], None] | None = None,
     ) -> list[GenResult]:
-        """Answer every request, from the cache where possible.
+        """Answer every generation request, from the cache where possible.
 
         Args:
-            requests: the requests, in any order; results come back in the same order.
+            requests: results come back in the same order.
             on_batch: called after each backend batch with the request indices and results,
-                after their cache entries are durable (the runner saves records there).
+                once their cache entries are durable (the runner saves records there).
         """
-        results: list[GenResult | None] = [None] * len(requests)
+        return self._run(
+            requests,
+            on_batch,
+            self._backend_generate,
+            lambda r: repr(sorted(r.params.to_dict().items())),
+            lambda r: [c.__dict__ for c in r.completions],
+            lambda v: GenResult([Completion(**c) for c in v], cached=True),
+            lambda e: GenResult(error=e),
+        )
+
+    def score(
+        self,
+        requests: Sequence[ScoreRequest],
+        on_batch: Callable[[list[int], list[ScoreResult]], None] | None = None,
+    ) -> list[ScoreResult]:
+        """Answer every scoring request (log-probabilities of fixed choices)."""
+        return self._run(
+            requests,
+            on_batch,
+            self._backend_score,
+            lambda r: repr(r.choices),
+            lambda r: {
+                "logprobs": _finite(r.scores.logprobs),
+                "prompt_tokens": r.scores.prompt_tokens,
+            },
+            lambda v: ScoreResult(
+                ChoiceScores(
+                    {k: (float("-inf") if x is None else x) for k, x in v["logprobs"].items()},
+                    v.get("prompt_tokens", 0),
+                ),
+                cached=True,
+            ),
+            lambda e: ScoreResult(error=e),
+        )
+
+    def _run(self, requests, on_batch, call, group_of, encode, decode, fail) -> list:
+        results: list[Any] = [None] * len(requests)
         keys = [self.key(r) for r in requests]
         todo: list[int] = []
         for i, k in enumerate(keys):
             hit = self.cache.get(k)
             if hit is not None:
-                results[i] = GenResult([Completion(**c) for c in hit], cached=True)
+                results[i] = decode(hit)
                 self.stats.cache_hits += 1
             else:
                 todo.append(i)
-        if todo:
-            # Same sampling params in one backend call; longest prompts first cut padding waste
-            # and surface context-overflow errors early.
-            groups: dict[str, list[int]] = {}
-            for i in todo:
-                groups.setdefault(_params_key(requests[i].params), []).append(i)
-            for idxs in groups.values():
-                idxs.sort(key=lambda i: -self._length(requests[i].messages))
-                for start in range(0, len(idxs), self.batch_size):
-                    chunk = idxs[start : start + self.batch_size]
-                    out = self._generate_isolated([requests[i] for i in chunk])
-                    fresh = {
-                        keys[i]: [c.__dict__ for c in r.completions]
-                        for i, r in zip(chunk, out, strict=True)
-                        if r.ok
-                    }
-                    self.cache.put_many(fresh)
-                    for i, r in zip(chunk, out, strict=True):
-                        results[i] = r
-                    if on_batch is not None:
-                        on_batch(chunk, out)
-        return [r for r in results if r is not None]
+        # One backend call per group of identical params; longest prompts first cut padding
+        # waste and surface context-overflow errors early.
+        groups: dict[str, list[int]] = {}
+        for i in todo:
+            groups.setdefault(group_of(requests[i]), []).append(i)
+        for idxs in groups.values():
+            idxs.sort(key=lambda i: -sum(len(m["content"]) for m in requests[i].messages))
+            for start in range(0, len(idxs), self.batch_size):
+                chunk = idxs[start : start + self.batch_size]
+                out = self._isolated(call, [requests[i] for i in chunk], fail)
+                self.cache.put_many(
+                    {keys[i]: encode(r) for i, r in zip(chunk, out, strict=True) if r.ok}
+                )
+                for i, r in zip(chunk, out, strict=True):
+                    results[i] = r
+                if on_batch is not None:
+                    on_batch(chunk, out)
+        return results
 
-    def _length(self, messages: Conversation) -> int:
-        return sum(len(m["content"]) for m in messages)
-
-    def _generate_isolated(self, reqs: list[GenRequest]) -> list[GenResult]:
-        params = reqs[0].params
+    def _isolated(self, call, reqs: list, fail) -> list:
         try:
             self.stats.model_calls += 1
             self.stats.requests += len(reqs)
-            outs = self.backend.generate([r.messages for r in reqs], params)
+            outs = call(reqs)
         except ModelError:
             raise
         except Exception as exc:  # one bad request must not sink its batch
@@ -164,18 +219,26 @@ class ModelCaller:
                 self.stats.errors += 1
                 reason = f"{type(exc).__name__}: {' '.join(str(exc).split())}"[:500]
                 log.warning("request failed and was recorded as an error: %s", reason)
-                return [GenResult(error=reason)]
+                return [fail(reason)]
             mid = len(reqs) // 2
-            return self._generate_isolated(reqs[:mid]) + self._generate_isolated(reqs[mid:])
+            return self._isolated(call, reqs[:mid], fail) + self._isolated(call, reqs[mid:], fail)
         if len(outs) != len(reqs):
             raise BackendError(f"backend returned {len(outs)} results for {len(reqs)} requests")
-        results = []
+        return outs
+
+    def _backend_generate(self, reqs: list[GenRequest]) -> list[GenResult]:
+        outs = self.backend.generate([r.messages for r in reqs], reqs[0].params)
         for comps in outs:
             for c in comps:
                 self.stats.prompt_tokens += c.prompt_tokens
                 self.stats.completion_tokens += c.completion_tokens
-            results.append(GenResult(list(comps)))
-        return results
+        return [GenResult(list(comps)) for comps in outs]
+
+    def _backend_score(self, reqs: list[ScoreRequest]) -> list[ScoreResult]:
+        outs = self.backend.score_choices([r.messages for r in reqs], list(reqs[0].choices))
+        for s in outs:
+            self.stats.prompt_tokens += s.prompt_tokens
+        return [ScoreResult(s) for s in outs]
 
     def describe(self) -> dict[str, Any]:
         if self._backend is not None:
@@ -188,5 +251,6 @@ class ModelCaller:
             self._backend = None
 
 
-def _params_key(params: SamplingParams) -> str:
-    return repr(sorted(params.to_dict().items()))
+def _finite(logprobs: dict[str, float]) -> dict[str, float | None]:
+    """JSON has no -inf: an impossible option is stored as null."""
+    return {k: (v if v == v and abs(v) != float("inf") else None) for k, v in logprobs.items()}

@@ -45,7 +45,7 @@ from typing import Any
 from rlaif.backends.base import ChoiceScores, Conversation, SamplingParams
 from rlaif.constitution import Constitution, Principle
 from rlaif.errors import ConfigError, RlaifError
-from rlaif.pipeline.calls import GenRequest
+from rlaif.pipeline.calls import GenRequest, ScoreRequest
 from rlaif.prompts import PromptBook
 from rlaif.store import content_hash
 
@@ -171,15 +171,6 @@ class Verdict:
         kw["orders"] = [OrderResult(**o) for o in kw.get("orders", [])]
         kw["members"] = [cls.from_dict(m) for m in kw.get("members", [])]
         return cls(**kw)
-
-
-@dataclass
-class ScoreRequest:
-    """A logprob-mode request: score ``choices`` as the assistant's reply to ``messages``."""
-
-    messages: Conversation
-    choices: tuple[str, ...]
-    template_hash: str | None = None
 
 
 # -- requests ---------------------------------------------------------------------------------
