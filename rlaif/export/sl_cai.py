@@ -20,7 +20,7 @@ from typing import Any
 
 from rlaif.errors import StoreError
 from rlaif.pipeline.config import ExportConfig
-from rlaif.store import Manifest, StageStore
+from rlaif.store import Manifest
 
 
 def sl_cai_rows(
@@ -92,21 +92,19 @@ def _write_dataset(rows: list[dict[str, Any]], folder: Path, fmt: str) -> None:
 
 def export_sl_cai(
     run_dir: Path,
-    traces: StageStore,
+    traces: list[dict[str, Any] | None],
     cfg: ExportConfig,
     manifest: Manifest,
-    order: list[str] | None = None,
 ) -> dict[str, Any]:
     """Write the SFT and pair datasets under ``run_dir/export`` and account for them.
 
     Args:
         run_dir: the run directory.
-        traces: the critique-and-revise trace records.
+        traces: the critique-and-revise trace records, in prompt-source order (rows follow it).
         cfg: what to export and in which formats.
         manifest: its ``info["export"]`` gets the counts and filter reasons.
-        order: trace ids in prompt-source order (rows follow it).
     """
-    records = [traces.get(i) for i in order] if order is not None else list(traces.iter_records())
+    records = [t for t in traces if t is not None]
     sft, pairs, filtered = sl_cai_rows(r for r in records if r is not None)
     out = Path(run_dir) / "export"
     out.mkdir(parents=True, exist_ok=True)

@@ -70,6 +70,34 @@ class CritiqueReviseConfig:
 
 
 @dataclass
+class JudgeStageConfig:
+    """The AI judge: both orders, soft labels; see :class:`rlaif.stages.judge.JudgeConfig`."""
+
+    mode: str = "logprob"  # logprob | reasoning
+    principles_k: int = 1  # judge principles sampled per pair (ensemble size)
+    tie_threshold: float = 0.5
+    flip_margin: float = 0.05
+    band: list[float] = field(default_factory=lambda: [0.4, 0.6])  # reasoning-mode clamp
+    max_new_tokens: int = 256  # reasoning mode
+    pairs: str = "all"  # sampled responses: all | best_vs_worst
+    cai_sl: bool = True  # also judge revision vs initial response when critique_revise ran
+    min_p_revision: float = 0.5  # keep a CAI-SL pair only when P(revision better) >= this
+    model: ModelConfig | None = None  # judge model; default: the pipeline's model
+
+    def judge_config(self):  # -> rlaif.stages.judge.JudgeConfig
+        from rlaif.stages.judge import JudgeConfig
+
+        return JudgeConfig(
+            mode=self.mode,
+            tie_threshold=self.tie_threshold,
+            flip_margin=self.flip_margin,
+            band=tuple(self.band),
+            principles_k=self.principles_k,
+            sampling=SamplingParams(temperature=0.0, max_new_tokens=self.max_new_tokens),
+        )
+
+
+@dataclass
 class ExportConfig:
     sft: bool = True  # prompt + final revision, TRL "messages" format
     pairs: bool = True  # CAI-SL pairs: revision chosen, initial response rejected
@@ -80,6 +108,8 @@ class ExportConfig:
 @dataclass
 class StagesConfig:
     critique_revise: CritiqueReviseConfig | None = None
+    sample: GenerationConfig | None = None  # RL-CAI: n responses per prompt from the policy
+    judge: JudgeStageConfig | None = None
     export: ExportConfig = field(default_factory=ExportConfig)
 
 
@@ -288,6 +318,33 @@ def _check(cfg: PipelineConfig, raw: LineDict, f: str) -> None:
                 getattr(cr, step).params(cfg.seed)
             except ValueError as exc:
                 fail(str(exc), f"stages.critique_revise.{step}")
+    if cfg.stages.sample is not None:
+        try:
+            cfg.stages.sample.params(cfg.seed)
+        except ValueError as exc:
+            fail(str(exc), "stages.sample")
+        if cfg.stages.sample.n < 2 and cfg.stages.judge is not None:
+            fail("judging sampled responses needs n >= 2", "stages.sample.n")
+    j = cfg.stages.judge
+    if j is not None:
+        if j.pairs not in ("all", "best_vs_worst"):
+            fail(f"'{j.pairs}' is not one of all, best_vs_worst", "stages.judge.pairs")
+        if j.model is not None and j.model.backend not in _CHOICES["model.backend"]:
+            fail(
+                f"'{j.model.backend}' is not one of {', '.join(_CHOICES['model.backend'])}",
+                "stages.judge.model.backend",
+            )
+        try:
+            j.judge_config()
+        except ConfigError as exc:
+            fail(exc.message, f"stages.judge.{exc.field}" if exc.field else "stages.judge")
+        if cfg.stages.sample is None and not (j.cai_sl and cfg.stages.critique_revise):
+            fail(
+                "nothing to judge: add stages.sample (n >= 2) or stages.critique_revise",
+                "stages.judge",
+            )
+    if cfg.stages.critique_revise is None and cfg.stages.sample is None:
+        fail("no generation stage: add stages.critique_revise and/or stages.sample", "stages")
     for fmt in cfg.stages.export.formats:
         if fmt not in ("jsonl", "disk", "parquet"):
             fail(f"unknown export format '{fmt}' (jsonl, disk, parquet)", "stages.export.formats")

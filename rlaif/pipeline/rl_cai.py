@@ -1,0 +1,192 @@
+"""RL-CAI waves: sample n responses per prompt, then judge pairs of responses in both orders.
+
+The judge may be another model than the policy; each has its own :class:`ModelCaller` (and
+both share the run's call cache, whose keys include the model). Judge scores are made durable
+per backend batch by the cache, and one record per judged pair is appended per wave, so a
+crash costs at most the batch in flight and a resume answers the rest from the cache.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from rlaif.backends.base import SamplingParams
+from rlaif.constitution import Constitution
+from rlaif.pipeline.calls import GenRequest, ModelCaller, ScoreRequest
+from rlaif.pipeline.sources import PromptItem
+from rlaif.pipeline.steps import run_gen_step
+from rlaif.progress import Progress
+from rlaif.prompts import PromptBook
+from rlaif.stages import critique as cai
+from rlaif.stages import judge as J
+from rlaif.store import StageStore, record_id
+
+
+@dataclass(frozen=True)
+class PairToJudge:
+    """Responses x and y to one prompt; ``source`` is ``samples`` or ``cai_sl``."""
+
+    prompt_id: str
+    prompt: list[dict[str, str]]
+    x: str
+    y: str
+    source: str
+    i: int = 0  # indices of x and y among the prompt's samples
+    j: int = 1
+
+
+def sample_wave(
+    items: Sequence[PromptItem],
+    params: SamplingParams,
+    book: PromptBook,
+    system: str | None,
+    caller: ModelCaller,
+    store: StageStore,
+    progress: Progress,
+) -> dict[str, list[str]]:
+    """``params.n`` responses per prompt (prompt id -> texts; failed prompts are absent)."""
+    ctx_requests = {}
+    for item in items:
+        r = book.render("respond", conversation=item.messages(), system=system)
+        ctx_requests[item.id] = GenRequest(r.messages, params, r.template_hash)
+    records = run_gen_step("sample", ctx_requests, store, caller, progress)
+    out = {}
+    for pid, rec in records.items():
+        if rec["status"] == "ok":
+            out[pid] = [cai.clean(t) for t in rec.get("texts") or [rec["text"]]]
+    return out
+
+
+def judge_wave(
+    pairs: Sequence[PairToJudge],
+    jcfg: J.JudgeConfig,
+    constitution: Constitution,
+    book: PromptBook,
+    system: str | None,
+    seed: int,
+    caller: ModelCaller,
+    store: StageStore,
+    progress: Progress,
+) -> dict[str, dict[str, Any]]:
+    """Judge every pair under ``jcfg.principles_k`` sampled principles, both orders.
+
+    Returns pair record id -> judge record ``{id, prompt_id, prompt, x, y, source, i, j,
+    verdict, status, reason}``; ``status`` is the verdict's (``ok`` or ``error``).
+    """
+    out: dict[str, dict[str, Any]] = {}
+    todo: list[tuple[str, PairToJudge, list, list]] = []
+    for pair in pairs:
+        principles = J.judge_principles(
+            constitution,
+            jcfg.principles_k,
+            seed,
+            f"{pair.prompt_id}:{pair.i}:{pair.j}:{pair.source}",
+        )
+        reqs = [
+            J.judge_requests(book, pair.prompt, pair.x, pair.y, p, jcfg, system=system)
+            for p in principles
+        ]
+        rid = record_id(
+            "judge",
+            {
+                "prompt": pair.prompt,
+                "x": pair.x,
+                "y": pair.y,
+                "source": pair.source,
+                "requests": [[r.messages for r in rr] for rr in reqs],
+                "judge": jcfg.to_dict(),
+                "model": caller.model,
+                "revision": caller.revision,
+            },
+        )
+        if store.is_done(rid):
+            out[rid] = store.get(rid)
+            continue
+        todo.append((rid, pair, principles, reqs))
+    progress.update(len(pairs) - len(todo))
+    flat = [r for _, _, _, reqs in todo for rr in reqs for r in rr]
+    if jcfg.mode == "logprob":
+        results = caller.score([r for r in flat if isinstance(r, ScoreRequest)])
+    else:
+        results = caller.generate([r for r in flat if isinstance(r, GenRequest)])
+    records = []
+    pos = 0
+    for rid, pair, principles, reqs in todo:
+        members = []
+        for p, _ in zip(principles, reqs, strict=True):
+            r1, r2 = results[pos], results[pos + 1]
+            pos += 2
+            if not (r1.ok and r2.ok):
+                members.append(
+                    J.Verdict(
+                        "error",
+                        reason=f"judge call failed: {r1.error or r2.error}",
+                        mode=jcfg.mode,
+                        principle_ids=[p.id],
+                        models=[caller.model],
+                        n_errors=1,
+                    )
+                )
+            elif jcfg.mode == "logprob":
+                members.append(
+                    J.verdict_from_logprobs(
+                        r1.scores, r2.scores, jcfg, principle_id=p.id, model=caller.model
+                    )
+                )
+            else:
+                members.append(
+                    J.verdict_from_texts(
+                        r1.completions[0].text,
+                        r2.completions[0].text,
+                        jcfg,
+                        principle_id=p.id,
+                        model=caller.model,
+                    )
+                )
+        verdict = members[0] if len(members) == 1 else J.ensemble(members, jcfg)
+        rec = {
+            "id": rid,
+            "prompt_id": pair.prompt_id,
+            "prompt": pair.prompt,
+            "x": pair.x,
+            "y": pair.y,
+            "source": pair.source,
+            "i": pair.i,
+            "j": pair.j,
+            "verdict": verdict.to_dict(),
+            "status": verdict.status,
+        }
+        if verdict.status != "ok":
+            rec["reason"] = f"judge error: {verdict.reason or 'unknown'}"
+        records.append(rec)
+        out[rid] = rec
+    store.append(records)
+    progress.update(len(todo))
+    return out
+
+
+def select_pairs(
+    samples: dict[str, list[str]],
+    judged: dict[tuple[str, int, int], dict[str, Any]],
+    strategy: str,
+) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """The judged pair records to export per prompt, and prompts with none (id -> reason)."""
+    chosen: list[dict[str, Any]] = []
+    none: dict[str, str] = {}
+    for pid, texts in samples.items():
+        pairs, skipped = J.candidate_pairs(texts, "all")
+        if strategy == "best_vs_worst":
+            verdicts = {
+                (i, j): J.Verdict.from_dict(judged[(pid, i, j)]["verdict"])
+                for i, j in pairs
+                if (pid, i, j) in judged
+            }
+            pairs, skipped = J.candidate_pairs(texts, "best_vs_worst", verdicts)
+        recs = [judged[(pid, i, j)] for i, j in pairs if (pid, i, j) in judged]
+        if recs:
+            chosen.extend(recs)
+        else:
+            none[pid] = skipped[0]["reason"] if skipped else "no pair of distinct responses"
+    return chosen, none
