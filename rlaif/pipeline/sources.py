@@ -129,8 +129,7 @@ def _rows_table(path: Path, fmt: str, split: str | None) -> Iterator[tuple[int, 
         raise
     except Exception as exc:  # pyarrow / datasets raise many types for a bad file
         raise DataError(f"cannot read {fmt} data: {str(exc).splitlines()[0]}", file=path) from None
-    for i, row in enumerate(rows, start=1):
-        yield i, row
+    yield from enumerate(rows, start=1)
 
 
 def detect_format(path: Path) -> str:
