@@ -301,3 +301,63 @@ def test_sigkill_and_resume_equals_uninterrupted(tmp_path):
         ]
         assert len(ids) == len(set(ids)), f"duplicate records in {stage}"
     assert json.loads((run / "manifest.json").read_text())["stages"]["critique_revise"]["ok"] == 24
+
+
+RL_PIPE = """\
+name: rl
+seed: 1
+output: {out}
+batch_size: 8
+constitution: helpful-harmless
+model: {{id: fake-model, backend: fake}}
+prompts: {{path: prompts.jsonl, field: prompt}}
+stages:
+  critique_revise: {{rounds: 1}}
+  sample: {{n: 3, temperature: 0.8}}
+  judge: {{principles_k: 2, pairs: {pairs}}}
+  export:
+    preferences: {{min_confidence: 0.5, max_length_ratio: null, test_size: 0.25}}
+"""
+
+
+@pytest.mark.parametrize("pairs", ["all", "best_vs_worst"])
+def test_rl_cai_chain_accounts_for_everything(tmp_path, pairs):
+    p = make_pipeline(tmp_path, n=8, text=RL_PIPE.replace("{pairs}", pairs))
+    res = run_pipeline(load_pipeline(p))
+    stats = res.exports["preferences"]
+    run = tmp_path / "run"
+    judged = list(StageStore(run, "judge", readonly=True).iter_records())
+    # 8 CAI-SL pairs + 3 sampled pairs per prompt, each judged in both orders under 2 principles
+    assert len(judged) == 8 + 8 * 3
+    assert all(len(r["verdict"]["members"]) == 2 for r in judged)
+    assert res.stats["requests"] == 8 * 3 + 8 + len(judged) * 2 * 2
+    expected_inputs = 8 + (8 * 3 if pairs == "all" else 8)
+    assert stats["inputs"] == expected_inputs
+    assert stats["kept"] + sum(stats["filtered"].values()) == expected_inputs
+    rows = [
+        json.loads(x)
+        for f in ("train", "test")
+        for x in (run / "export/preferences/conversational" / f"{f}.jsonl").read_text().splitlines()
+    ]
+    assert len(rows) == stats["kept"]
+    assert all(r["chosen"] != r["rejected"] and r["margin"] > 0 for r in rows)
+    card = (run / "export/preferences/README.md").read_text()
+    assert "helpful-harmless" in card and "fake-model" in card
+    before = (run / "export/preferences/conversational/train.jsonl").read_bytes()
+    again = run_pipeline(load_pipeline(p))
+    assert again.stats["requests"] == 0
+    assert (run / "export/preferences/conversational/train.jsonl").read_bytes() == before
+
+
+def test_rl_cai_config_errors(tmp_path):
+    p = make_pipeline(tmp_path, text=RL_PIPE.replace("{pairs}", "some"))
+    with pytest.raises(ConfigError, match="not one of all, best_vs_worst"):
+        load_pipeline(p)
+    p = make_pipeline(
+        tmp_path,
+        text=RL_PIPE.replace("{pairs}", "all").replace("min_confidence: 0.5", "min_confidence: 2"),
+    )
+    with pytest.raises(ConfigError) as info:
+        load_pipeline(p)
+    assert info.value.field == "stages.export.preferences.min_confidence"
+    assert info.value.line == 13

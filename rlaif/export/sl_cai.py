@@ -16,11 +16,13 @@ import shutil
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rlaif.errors import StoreError
-from rlaif.pipeline.config import ExportConfig
 from rlaif.store import Manifest
+
+if TYPE_CHECKING:
+    from rlaif.pipeline.config import ExportConfig
 
 
 def sl_cai_rows(
@@ -70,18 +72,27 @@ def _write_jsonl(rows: list[dict[str, Any]], path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _write_dataset(rows: list[dict[str, Any]], folder: Path, fmt: str) -> None:
+SFT_COLUMNS = ("messages", "prompt_id")
+PAIR_COLUMNS = ("prompt", "chosen", "rejected", "prompt_id", "principle_ids")
+
+
+def _write_dataset(
+    rows: list[dict[str, Any]], folder: Path, fmt: str, columns: tuple[str, ...]
+) -> None:
     import datasets
 
     datasets.disable_progress_bars()  # the run's own progress line is enough
-    ds = datasets.Dataset.from_list(rows) if rows else datasets.Dataset.from_dict({})
+    if rows:
+        ds = datasets.Dataset.from_list(rows)
+    else:  # keep the columns so an empty export still loads
+        ds = datasets.Dataset.from_dict({c: [] for c in columns})
     tmp = folder.with_name(f".{folder.name}.tmp")
     if fmt == "parquet":
         ds.to_parquet(str(tmp))
         os.replace(tmp, folder)
         return
     shutil.rmtree(tmp, ignore_errors=True)
-    ds.save_to_disk(str(tmp))
+    ds.save_to_disk(str(tmp), num_shards=1)  # datasets 5 writes no file for 0 rows otherwise
     old = folder.with_name(f".{folder.name}.old")
     if folder.exists():
         shutil.rmtree(old, ignore_errors=True)
@@ -110,7 +121,10 @@ def export_sl_cai(
     out.mkdir(parents=True, exist_ok=True)
     written: dict[str, Any] = {}
     try:
-        for name, rows, wanted in (("sft", sft, cfg.sft), ("pairs", pairs, cfg.pairs)):
+        for name, rows, wanted, columns in (
+            ("sft", sft, cfg.sft, SFT_COLUMNS),
+            ("pairs", pairs, cfg.pairs, PAIR_COLUMNS),
+        ):
             if not wanted:
                 continue
             paths = []
@@ -120,7 +134,7 @@ def export_sl_cai(
                     _write_jsonl(rows, path)
                 else:
                     path = out / (f"{name}.parquet" if fmt == "parquet" else name)
-                    _write_dataset(rows, path, fmt)
+                    _write_dataset(rows, path, fmt, columns)
                 paths.append(str(path))
             written[name] = {"rows": len(rows), "paths": paths}
     except OSError as exc:
@@ -129,10 +143,12 @@ def export_sl_cai(
             "re-run to export again",
             file=getattr(exc, "filename", None) or out,
         ) from None
-    manifest.info["export"] = {
-        "sft_rows": len(sft),
-        "pair_rows": len(pairs),
-        "filtered": dict(filtered),
-        "files": written,
-    }
+    manifest.info.setdefault("export", {}).update(
+        {
+            "sft_rows": len(sft),
+            "pair_rows": len(pairs),
+            "filtered": dict(filtered),
+            "files": written,
+        }
+    )
     return {"sft": sft, "pairs": pairs, "filtered": dict(filtered), "files": written}

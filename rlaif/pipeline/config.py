@@ -103,6 +103,22 @@ class ExportConfig:
     pairs: bool = True  # CAI-SL pairs: revision chosen, initial response rejected
     formats: list[str] = field(default_factory=lambda: ["jsonl", "disk"])
     show: int = 3  # rows printed at the end
+    # judged preference datasets: see rlaif.export.preferences.PreferenceExportConfig
+    preferences: dict[str, Any] = field(default_factory=dict)
+
+    def preferences_config(self):  # -> rlaif.export.preferences.PreferenceExportConfig
+        import dataclasses as dc
+
+        from rlaif.export.preferences import PreferenceExportConfig
+
+        names = {f.name for f in dc.fields(PreferenceExportConfig)}
+        unknown = sorted(set(self.preferences) - names)
+        if unknown:
+            raise ConfigError(
+                f"unknown key '{unknown[0]}' (allowed: {', '.join(sorted(names))})",
+                field=unknown[0],
+            )
+        return PreferenceExportConfig(**self.preferences)
 
 
 @dataclass
@@ -345,6 +361,10 @@ def _check(cfg: PipelineConfig, raw: LineDict, f: str) -> None:
             )
     if cfg.stages.critique_revise is None and cfg.stages.sample is None:
         fail("no generation stage: add stages.critique_revise and/or stages.sample", "stages")
+    try:
+        cfg.stages.export.preferences_config()
+    except ConfigError as exc:
+        fail(exc.message, f"stages.export.preferences.{exc.field}")
     for fmt in cfg.stages.export.formats:
         if fmt not in ("jsonl", "disk", "parquet"):
             fail(f"unknown export format '{fmt}' (jsonl, disk, parquet)", "stages.export.formats")

@@ -348,5 +348,5 @@ def _judge_and_export(
             for pid, why in none.items()
         ]
     return export_preferences(
-        records, run.run_dir, cfg.stages.export.preferences, run.provenance(), manifest
+        records, run.run_dir, cfg.stages.export.preferences_config(), run.provenance(), manifest
     )

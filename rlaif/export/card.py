@@ -1,0 +1,459 @@
+"""The dataset card (README.md with Hub front matter), its statistics, the margins plot, and
+the upload of a finished export to the Hugging Face Hub.
+
+The card says what the data is, how it was made (full provenance), what was filtered and why,
+how the labels are distributed, and how to load it. It is built only from the export's
+statistics and the provenance the caller passes; secrets never reach it: keys that name a
+secret are redacted and the values of secret-looking environment variables are masked.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections import Counter
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+import rlaif
+from rlaif.errors import RlaifError
+from rlaif.export.preferences import (
+    FILTER_REASONS,
+    SKIPPED,
+    SPLITS,
+    VARIANTS,
+    PreferenceExportConfig,
+)
+
+if TYPE_CHECKING:
+    from rlaif.export.preferences import Selection
+
+TAGS = ["rlaif", "constitutional-ai", "dpo", "reward-modeling", "preference", "synthetic", "trl"]
+_SECRET_KEY = re.compile(
+    r"(^|_)(token|api_?key|secret|password|passwd|authorization|auth|credentials?)$", re.I
+)
+_SECRET_ENV = re.compile(r"TOKEN|KEY|SECRET|PASSWORD|PASSWD|AUTH|CREDENTIAL", re.I)
+_REDACTED = "(redacted)"
+
+
+# -- statistics ---------------------------------------------------------------------------------
+
+
+def _summary(values: list[float]) -> dict[str, float | int | None]:
+    """Count, min, quartiles, mean and max (rounded); None values when there are none."""
+    if not values:
+        return {k: None for k in ("min", "p25", "median", "mean", "p75", "max")} | {"count": 0}
+    v = sorted(values)
+
+    def q(f: float) -> float:  # linear interpolation, as numpy's default
+        pos = f * (len(v) - 1)
+        lo = math.floor(pos)
+        hi = min(lo + 1, len(v) - 1)
+        return v[lo] + (v[hi] - v[lo]) * (pos - lo)
+
+    out = {"min": v[0], "p25": q(0.25), "median": q(0.5), "mean": sum(v) / len(v)}
+    out |= {"p75": q(0.75), "max": v[-1]}
+    return {k: round(x, 6) for k, x in out.items()} | {"count": len(v)}
+
+
+def _rate(num: int, den: int) -> float | None:
+    return round(num / den, 6) if den else None
+
+
+def summarize(
+    sel: Selection, by_split: Mapping[str, list[dict[str, Any]]], cfg: PreferenceExportConfig
+) -> dict[str, Any]:
+    """JSON-ready statistics of one export, for the manifest and the card."""
+    rows = sel.rows
+    # The fixed reasons in pipeline order, then the upstream skip reasons alphabetically.
+    extra = sorted(k for k in sel.filtered if k not in FILTER_REASONS)
+    reasons = [k for k in [*FILTER_REASONS, *extra] if sel.filtered[k]]
+    chosen = [len(r["chosen"][0]["content"]) for r in rows]
+    rejected = [len(r["rejected"][0]["content"]) for r in rows]
+    unequal = [(c, r) for c, r in zip(chosen, rejected, strict=True) if c != r]
+    ok = [v for v in sel.verdicts if v.status == "ok"]
+    consistent = [v.position_consistent for v in ok if v.position_consistent is not None]
+    orders = sum(v.n_orders for v in ok)
+    return {
+        "inputs": sel.inputs,
+        "kept": len(rows),
+        "filtered": {k: sel.filtered[k] for k in reasons},
+        "filtered_examples": {k: sel.examples[k] for k in reasons},
+        "splits": {
+            s: {"rows": len(by_split[s]), "prompts": len({r["_prompt_key"] for r in by_split[s]})}
+            for s in SPLITS
+        },
+        "margin": _summary([r["margin"] for r in rows]),
+        "p_chosen": _summary([r["p_chosen"] for r in rows]),
+        "length": {
+            "chosen_mean_chars": round(sum(chosen) / len(rows), 2) if rows else None,
+            "rejected_mean_chars": round(sum(rejected) / len(rows), 2) if rows else None,
+            "longer_chosen_rate": _rate(sum(c > r for c, r in unequal), len(unequal)),
+            "equal_length_pairs": len(rows) - len(unequal),
+        },
+        "sources": dict(sorted(Counter(r["source"] for r in rows).items())),
+        "judge": {
+            "verdicts": len(sel.verdicts),
+            "errors": len(sel.verdicts) - len(ok),
+            "tie_rate": _rate(sum(v.winner == "tie" for v in ok), len(ok)),
+            "position_consistency": _rate(sum(consistent), len(consistent)),
+            "first_position_rate": _rate(sum(v.first_position_preferred for v in ok), orders),
+        },
+        "config": {
+            "min_confidence": cfg.min_confidence,
+            "max_length_ratio": cfg.max_length_ratio,
+            "max_pairs_per_prompt": cfg.max_pairs_per_prompt,
+            "test_size": cfg.test_size,
+            "seed": cfg.seed,
+        },
+    }
+
+
+# -- plot ---------------------------------------------------------------------------------------
+
+
+def plot_margins(rows: list[dict[str, Any]], path: str | Path) -> Path:
+    """Histograms of the kept rows' margins and p_chosen, as a PNG (Agg, no global backend)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(9, 3.4), dpi=100)
+    FigureCanvasAgg(fig)  # attaches itself; pyplot's global state is never touched
+    panels = (
+        ("margin", "margin = logit(p_chosen)", None),
+        ("p_chosen", "p_chosen (judge's soft label)", (0.5, 1.0)),
+    )
+    for i, (key, title, span) in enumerate(panels, start=1):
+        ax = fig.add_subplot(1, 2, i)
+        values = [r[key] for r in rows]
+        if values:
+            ax.hist(values, bins=20, range=span, color="#4c72b0", edgecolor="white")
+        else:
+            ax.text(0.5, 0.5, "no rows", ha="center", va="center", transform=ax.transAxes)
+        ax.set_title(title, fontsize=10)
+        ax.set_ylabel("pairs")
+    fig.tight_layout()
+    fig.savefig(str(path), format="png")
+    return Path(path)
+
+
+# -- secrets ------------------------------------------------------------------------------------
+
+
+def scrub(obj: Any) -> Any:
+    """``obj`` with the values of secret-named keys replaced by ``(redacted)``."""
+    if isinstance(obj, Mapping):
+        return {
+            str(k): _REDACTED if _SECRET_KEY.search(str(k)) and v else scrub(v)
+            for k, v in obj.items()
+        }
+    if isinstance(obj, (list, tuple)):
+        return [scrub(v) for v in obj]
+    return obj
+
+
+def _mask_secrets(text: str) -> str:
+    """Mask the values of secret-looking environment variables (and the Hub token) in text."""
+    secrets = [v for k, v in os.environ.items() if _SECRET_ENV.search(k) and len(v) >= 8]
+    try:
+        from huggingface_hub import get_token
+
+        secrets.append(get_token() or "")
+    except Exception:  # no hub client or an unreadable token file: nothing more to mask
+        pass
+    for value in sorted({s for s in secrets if len(s) >= 8}, key=len, reverse=True):
+        text = text.replace(value, "***")
+    return text
+
+
+# -- card ---------------------------------------------------------------------------------------
+
+
+def _size_category(n: int) -> str:
+    for limit, name in ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K")):
+        if n < limit:
+            return name
+    return "100K<n<1M" if n < 1_000_000 else "1M<n<10M"
+
+
+def _configs(stats: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Hub ``configs``: one per variant, pointing at its Parquet (else JSONL) files."""
+    configs = []
+    for variant, files in stats.get("files", {}).items():
+        for ext in ("parquet", "jsonl"):
+            data = [
+                {"split": s, "path": f"{variant}/{s}.{ext}"}
+                for s in SPLITS
+                if f"{variant}/{s}.{ext}" in files and stats["splits"][s]["rows"]
+            ]
+            if data:
+                configs.append({"config_name": variant, "data_files": data})
+                break
+    if configs:
+        configs[0]["default"] = True
+    return configs
+
+
+def _model(p: Any, revision: Any = None) -> str:
+    if isinstance(p, Mapping):
+        p, revision = p.get("id") or p.get("name"), p.get("revision")
+    return f"`{p}` (revision `{revision or 'unpinned'}`)" if p else "(not recorded)"
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")  # a pipe would end the Markdown table cell
+
+
+def _meaning(reason: str) -> str:
+    return FILTER_REASONS.get(reason) or FILTER_REASONS[SKIPPED]
+
+
+def _fmt(x: Any) -> str:
+    return "n/a" if x is None else f"{x:.3f}" if isinstance(x, float) else str(x)
+
+
+def _provenance_lines(prov: Mapping[str, Any]) -> list[str]:
+    c = prov.get("constitution") or {}
+    if isinstance(c, Mapping):
+        name, version, digest = (c.get(k, "?") for k in ("name", "version", "hash"))
+        cons = f"`{name}` version `{version}`, hash `{digest}`"
+    else:
+        cons = f"`{c}`"
+    policy = _model(prov.get("policy_model") or prov.get("model"), prov.get("model_revision"))
+    judges = prov.get("judge_models") or [prov.get("judge_model")]
+    judge_names = ", ".join(_model(j, prov.get("judge_revision")) for j in judges)
+    jcfg = prov.get("judge_config", prov.get("judge"))
+    mode = jcfg.get("mode") if isinstance(jcfg, Mapping) else None
+    seeds = prov.get("seeds", prov.get("seed"))
+    lines = [
+        f"- **Constitution**: {cons}",
+        f"- **Policy model** (wrote the responses): {policy}",
+        *([f"- **Backend**: `{prov['backend']}`"] if prov.get("backend") else []),
+        f"- **Judge model(s)**: {judge_names}",
+        f"- **Judge mode**: `{mode or 'not recorded'}`",
+        f"- **Judge config**: `{json.dumps(jcfg, sort_keys=True, default=str)}`",
+        f"- **Seeds**: `{json.dumps(seeds, sort_keys=True)}`",
+        f"- **rlaif version**: `{prov.get('rlaif_version') or rlaif.__version__}`",
+    ]
+    templates = prov.get("templates") or prov.get("template_hashes") or {}
+    if isinstance(templates, Mapping) and templates:
+        lines.append("- **Templates** (name: content hash):")
+        lines += [f"  - `{k}`: `{v}`" for k, v in sorted(templates.items())]
+    return lines
+
+
+def render_card(
+    stats: Mapping[str, Any], provenance: Mapping[str, Any], cfg: PreferenceExportConfig
+) -> str:
+    """The README.md of an export: Hub front matter, provenance, statistics, how to load.
+
+    ``provenance`` keys read by name (others are listed in the full-provenance block):
+    ``constitution`` {name, version, hash}, ``policy_model`` and ``judge_model`` (or a list
+    ``judge_models``) {id, revision}, ``templates`` {name: hash}, ``judge_config``, ``seeds``
+    (or ``seed``) and ``rlaif_version``.
+    """
+    prov = scrub(dict(provenance))
+    cons = prov.get("constitution")
+    cons_name = cons.get("name") if isinstance(cons, Mapping) else cons
+    title = cfg.pretty_name or f"RL-CAI preferences{f' ({cons_name})' if cons_name else ''}"
+    front: dict[str, Any] = {
+        "license": cfg.license,
+        "pretty_name": title,
+        "task_categories": ["text-generation"],
+        "tags": TAGS,
+        "size_categories": [_size_category(stats["kept"])],
+    }
+    if configs := _configs(stats):
+        front["configs"] = configs
+    sp, ln, jd = stats["splits"], stats["length"], stats["judge"]
+    variants = list(stats.get("files", {}))
+    first = variants[0] if variants else "conversational"
+    parts = [
+        "---",
+        yaml.safe_dump(front, sort_keys=False, allow_unicode=True).rstrip(),
+        "---",
+        f"# {title}",
+        "",
+        "## What it is",
+        "",
+        "Pairwise preference data made by RL-CAI (RLAIF): a policy model sampled responses to "
+        "each prompt and an AI judge compared them under principles of a written constitution, "
+        "in both presentation orders to cancel position bias. Each row has a `prompt`, the "
+        "`chosen` and `rejected` responses and a `margin`: the judge's soft label "
+        "`p_chosen` on TRL's logit scale, `log(p / (1 - p))`, which TRL's `RewardTrainer` "
+        "subtracts from the reward gap. `id`, `prompt_id`, `source` (`samples`: two policy "
+        "samples; `cai_sl`: a critique-revision against its initial response) and `p_chosen` "
+        "are metadata columns that TRL's trainers ignore.",
+        "",
+        "Two formats, same rows: `conversational/` (TRL's explicit-prompt conversational "
+        "format: `prompt` is a list of messages, `chosen` and `rejected` one assistant message "
+        "each) and `text/` (plain strings: a single user turn is its text; a longer "
+        "conversation is a `System:` / `Human:` / `Assistant:` transcript ending in "
+        "`Assistant:`; responses are stripped, with no leading space). Splits are assigned by "
+        "a hash of the prompt text, so all pairs of one prompt are in the same split.",
+        "",
+        "## How it was made",
+        "",
+        *_provenance_lines(prov),
+        f"- **Export filters**: `{json.dumps(stats['config'], sort_keys=True)}`",
+        "",
+        "## Statistics",
+        "",
+        f"{stats['inputs']} pair records in, {stats['kept']} rows out.",
+        "",
+        "| split | rows | prompts |",
+        "|---|---|---|",
+        *(f"| {s} | {sp[s]['rows']} | {sp[s]['prompts']} |" for s in SPLITS),
+        "",
+        "Filtered pairs (first matching reason):",
+        "",
+        "| reason | pairs | meaning |",
+        "|---|---|---|",
+        *(f"| {_cell(k)} | {n} | {_meaning(k)} |" for k, n in stats["filtered"].items()),
+        *([] if stats["filtered"] else ["| (none) | 0 | |"]),
+        "",
+        "| label | count | min | p25 | median | mean | p75 | max |",
+        "|---|---|---|---|---|---|---|---|",
+        *(
+            f"| {k} | {stats[k]['count']} | "
+            + " | ".join(_fmt(stats[k][q]) for q in ("min", "p25", "median", "mean", "p75", "max"))
+            + " |"
+            for k in ("margin", "p_chosen")
+        ),
+        "",
+        f"- Mean length (characters): chosen {_fmt(ln['chosen_mean_chars'])}, "
+        f"rejected {_fmt(ln['rejected_mean_chars'])}.",
+        f"- The longer response is chosen in {_fmt(ln['longer_chosen_rate'])} of the pairs "
+        f"whose lengths differ ({ln['equal_length_pairs']} pairs have equal lengths); "
+        "far from 0.5 hints at a length-biased judge.",
+        f"- Rows by source: `{json.dumps(stats['sources'], sort_keys=True)}`.",
+        f"- Judge, over all {jd['verdicts']} verdicts ({jd['errors']} errors): tie rate "
+        f"{_fmt(jd['tie_rate'])}, position consistency {_fmt(jd['position_consistency'])} "
+        "(both orders pick the same response), first-position win rate "
+        f"{_fmt(jd['first_position_rate'])} (0.5 = no position bias).",
+        *(["", "![margins and p_chosen](margins.png)"] if stats.get("plot") else []),
+        "",
+        "## How to load",
+        "",
+        "```python",
+        "from datasets import load_dataset, load_from_disk",
+        "",
+        f'ds = load_from_disk("{first}/disk")  # a DatasetDict: train / test',
+        f'# or: load_dataset("parquet", data_files={{"train": "{first}/train.parquet"}})',
+        "",
+        "from trl import DPOConfig, DPOTrainer, RewardConfig, RewardTrainer",
+        "",
+        'dpo = DPOTrainer(model="<policy>", args=DPOConfig(output_dir="dpo"),',
+        '                 train_dataset=ds["train"], eval_dataset=ds["test"])',
+        'rm = RewardTrainer(model="<policy>", args=RewardConfig(output_dir="rm"),',
+        '                   train_dataset=ds["train"])  # uses the margin column',
+        "```",
+        "",
+        "## Full provenance",
+        "",
+        "```json",
+        json.dumps(prov, indent=2, sort_keys=True, ensure_ascii=False, default=str),
+        "```",
+        "",
+    ]
+    return _mask_secrets("\n".join(parts))
+
+
+# -- the Hub ------------------------------------------------------------------------------------
+
+
+class PushToHubError(RlaifError):
+    """Uploading an export to the Hugging Face Hub failed (the local files are complete)."""
+
+
+def _hub_files(export_dir: Path) -> list[str]:
+    """The files worth uploading: the card, the plot and one loadable format per variant."""
+    names = ["README.md", *(["margins.png"] if (export_dir / "margins.png").exists() else [])]
+    for variant in VARIANTS:
+        for ext in ("parquet", "jsonl"):
+            found = [
+                f"{variant}/{s}.{ext}"
+                for s in SPLITS
+                if (export_dir / variant / f"{s}.{ext}").exists()
+            ]
+            if found:
+                names += found
+                break
+    return names
+
+
+def push_to_hub(export_dir: str | Path, repo_id: str, *, private: bool = False) -> str:
+    """Upload a finished preference export to a Hub dataset repo; returns the repo URL.
+
+    The token comes from ``HF_TOKEN`` or huggingface_hub's own lookup (``hf auth login``); it
+    is passed to the client only, never written or logged, and scrubbed from error messages.
+
+    Raises:
+        PushToHubError: one line saying why (offline, no token, refused, ...) and where the
+            dataset is saved locally.
+    """
+    export_dir = Path(export_dir)
+    saved = f"the dataset is saved locally at {export_dir}"
+    if not (export_dir / "README.md").is_file():
+        raise PushToHubError(f"push to hub failed: no finished export at {export_dir}")
+    try:
+        import huggingface_hub
+        from huggingface_hub import constants
+    except ImportError:
+        raise PushToHubError(
+            f"push to hub failed: huggingface_hub is not installed; {saved}"
+        ) from None
+    if constants.HF_HUB_OFFLINE:
+        why = "cannot reach huggingface.co (offline: HF_HUB_OFFLINE is set)"
+        raise PushToHubError(f"push to hub failed: {why}; {saved}")
+    token = huggingface_hub.get_token()
+    if not token:
+        why = "no Hugging Face token (set HF_TOKEN or run `hf auth login`)"
+        raise PushToHubError(f"push to hub failed: {why}; {saved}")
+    try:
+        api = huggingface_hub.HfApi(token=token)
+        url = api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
+        api.upload_folder(
+            repo_id=repo_id,
+            repo_type="dataset",
+            folder_path=str(export_dir),
+            allow_patterns=_hub_files(export_dir),
+            commit_message="Upload RL-CAI preference dataset (rlaif)",
+        )
+    except Exception as exc:  # any failure of the client: one line, never a traceback
+        raise PushToHubError(f"push to hub failed: {_why(exc, token)}; {saved}") from None
+    return str(url)
+
+
+# Transport failures by class name: huggingface_hub has used requests, httpx and httpx2.
+_NETWORK_ERRORS = {
+    "ConnectionError",
+    "ConnectError",
+    "TransportError",
+    "NetworkError",
+    "TimeoutException",
+}
+
+
+def _network_error(exc: BaseException) -> bool:
+    names = {c.__name__ for c in type(exc).__mro__}
+    return isinstance(exc, (ConnectionError, TimeoutError)) or bool(names & _NETWORK_ERRORS)
+
+
+def _why(exc: BaseException, token: str) -> str:
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    if status in (401, 403):
+        why = f"the Hub refused the token (HTTP {status})"
+    elif status is not None:
+        why = f"HTTP {status} from the Hub ({type(exc).__name__})"
+    elif _network_error(exc):
+        why = "cannot reach huggingface.co (offline?)"
+    else:
+        first = (str(exc).splitlines() or [""])[0][:200]
+        why = f"{type(exc).__name__}: {first}"
+    return why.replace(token, "***") if token else why

@@ -1,0 +1,504 @@
+"""Export RL-CAI preference pairs: filtered, split by prompt, in TRL's formats, with a card.
+
+Input: judged pair records in prompt-source order (``id``, ``prompt_id``, ``prompt`` messages,
+``x``, ``y``, ``source``, ``verdict`` as :meth:`Verdict.to_dict`, ``status``, ``reason``).
+Output under ``run_dir/export/preferences/``::
+
+    README.md, margins.png                      the dataset card and its plot
+    conversational/{train,test}.{parquet,jsonl}  TRL explicit-prompt conversational format
+    conversational/disk/                        the same as a DatasetDict (save_to_disk)
+    text/...                                    the plain-text format, same layout
+
+Columns: ``prompt``, ``chosen``, ``rejected``, ``margin`` (logit of the judge's soft label,
+what TRL's RewardTrainer subtracts from the reward gap) and four metadata columns: ``id``,
+``prompt_id``, ``source`` and ``p_chosen``. TRL 1.16 tolerates them: DPOTrainer and
+RewardTrainer tokenize from ``prompt`` / ``chosen`` / ``rejected`` only, drop unused columns
+(``remove_unused_columns``) and their collators pick their own keys even when columns are kept.
+Names TRL reads and that a metadata column must never take: :data:`TRL_RESERVED`.
+
+Text rendering (:func:`render_prompt_text`): a conversation of one user turn is its text; any
+other conversation becomes an Anthropic-HH-style transcript (``System:`` / ``Human:`` /
+``Assistant:`` blocks joined by blank lines) ending in ``"\\n\\nAssistant:"``. ``chosen`` and
+``rejected`` are the responses, stripped, with no separator: TRL concatenates prompt + response,
+so a plain-text user who wants one adds it.
+
+Filters, first match wins, each counted with its reason (see :data:`FILTER_REASONS`): skipped
+upstream, generation error, empty response, identical responses, judge error, tie, low
+confidence, length ratio, duplicate row, per-prompt cap. ``kept + filtered == inputs`` is checked.
+Rows keep input order; the split is a hash of the prompt text, so the same input gives the
+same bytes, and all pairs of one prompt land in one split. Uploading a finished export:
+:func:`rlaif.export.card.push_to_hub`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import shutil
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rlaif.errors import ConfigError, DataError, StoreError
+from rlaif.export.sl_cai import _write_jsonl
+from rlaif.stages.judge import TOL, Verdict, preference_row
+from rlaif.store import Manifest, content_hash
+from rlaif.store.jsonl import fsync_dir
+
+FORMATS = ("disk", "parquet", "jsonl")
+VARIANTS = ("conversational", "text")
+SPLITS = ("train", "test")
+META_COLUMNS = ("id", "prompt_id", "source", "p_chosen")
+# Keys TRL 1.16's preference trainers read from a row besides prompt/chosen/rejected/margin:
+# a metadata column with one of these names would change what they do.
+TRL_RESERVED = frozenset(
+    {"messages", "completion", "label", "tools", "chat_template_kwargs", "image", "images"}
+    | {"prompt_ids", "chosen_ids", "rejected_ids", "chosen_input_ids", "rejected_input_ids"}
+    | {"ref_chosen_logps", "ref_rejected_logps"}
+)
+ROLE_NAMES = {"system": "System", "user": "Human", "assistant": "Assistant"}
+
+SKIPPED = "skipped upstream"
+GENERATION_ERROR = "generation error"
+EMPTY = "empty response"
+IDENTICAL = "identical responses"
+JUDGE_ERROR = "judge error"
+TIE = "tie"
+LOW_CONFIDENCE = "low confidence"
+LENGTH_RATIO = "length ratio"
+DUPLICATE = "duplicate row"
+PROMPT_CAP = "per-prompt cap"
+FILTER_REASONS = {
+    SKIPPED: "an earlier stage skipped the pair (e.g. the judge did not prefer a revision)",
+    GENERATION_ERROR: "sampling the responses failed",
+    EMPTY: "a response is empty after stripping whitespace",
+    IDENTICAL: "the two responses are the same text (no preference to learn)",
+    JUDGE_ERROR: "the judge's output was unusable (recorded, never guessed)",
+    TIE: "the judge found no winner (including position-inconsistent verdicts)",
+    LOW_CONFIDENCE: "p_chosen below min_confidence (or not above 0.5)",
+    LENGTH_RATIO: "longer/shorter response length (characters) above max_length_ratio",
+    DUPLICATE: "same (prompt, chosen, rejected) as an earlier row",
+    PROMPT_CAP: "more than max_pairs_per_prompt pairs for one prompt text",
+}
+_NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?(?:e[-+]?\d+)?")
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+
+
+@dataclass(frozen=True)
+class PreferenceExportConfig:
+    """What the preference export keeps and writes. Bad values raise :class:`ConfigError`.
+
+    Args:
+        min_confidence: drop pairs whose p_chosen (the judge's probability for the chosen
+            response) is below this. 0.55 drops near coin-flips of logprob judges (margin
+            < 0.2) and keeps reasoning-mode labels, which sit at 0.6 (CAI's 40-60 % band).
+        max_length_ratio: drop pairs whose longer response has more than this many times the
+            characters of the shorter, whichever was chosen. AI judges prefer longer answers;
+            such a pair mostly teaches length, not the constitution. None disables it.
+        max_pairs_per_prompt: keep at most this many pairs per prompt text (the most confident,
+            then the earliest). None (default) keeps all: the judge stage's pair strategy already
+            decides ("best_vs_worst" gives one pair, "all" every distinct pair, on purpose), and
+            the prompt-level split keeps pairs of one prompt out of both splits at once.
+        test_size: fraction of prompts in the test split, in [0, 1).
+        seed: salts the prompt hash that assigns splits.
+        formats: any of ``disk`` (save_to_disk), ``parquet``, ``jsonl``.
+        variants: any of ``conversational`` and ``text``.
+        license: the card's license id on the Hub; the data inherits the prompts' and models'
+            terms, so the default is ``unknown``.
+        pretty_name: the card's title.
+        plot: write ``margins.png``.
+        push_to_hub: a Hub dataset repo id to upload to after the local export; None: don't.
+        private: create the Hub repo as private.
+    """
+
+    min_confidence: float = 0.55
+    max_length_ratio: float | None = 4.0
+    max_pairs_per_prompt: int | None = None
+    test_size: float = 0.1
+    seed: int = 0
+    formats: tuple[str, ...] = FORMATS
+    variants: tuple[str, ...] = VARIANTS
+    license: str = "unknown"
+    pretty_name: str | None = None
+    plot: bool = True
+    push_to_hub: str | None = None
+    private: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "formats", tuple(self.formats))
+        object.__setattr__(self, "variants", tuple(self.variants))
+
+        def subset(values: tuple[str, ...], allowed: tuple[str, ...]) -> bool:
+            return bool(values) and len(set(values)) == len(values) and set(values) <= set(allowed)
+
+        ratio, cap = self.max_length_ratio, self.max_pairs_per_prompt
+        checks = [
+            ("min_confidence", _num(self.min_confidence, 0.5, 1), "must be in [0.5, 1]"),
+            ("max_length_ratio", ratio is None or _num(ratio, 1, math.inf), "must be >= 1 or null"),
+            (
+                "max_pairs_per_prompt",
+                cap is None or (_int(cap) and cap >= 1),
+                "must be >= 1 or null",
+            ),
+            ("test_size", _num(self.test_size, 0, 1) and self.test_size < 1, "must be in [0, 1)"),
+            ("seed", _int(self.seed), "must be an integer"),
+            ("formats", subset(self.formats, FORMATS), f"must be distinct values of {FORMATS}"),
+            ("variants", subset(self.variants, VARIANTS), f"must be distinct values of {VARIANTS}"),
+            ("license", isinstance(self.license, str) and bool(self.license), "must be a Hub id"),
+            (
+                "push_to_hub",
+                self.push_to_hub is None or bool(_REPO_ID.match(str(self.push_to_hub))),
+                "must be a repo id like 'user/name' or null",
+            ),
+        ]
+        for name, ok, why in checks:
+            if not ok:
+                msg = f"preference export {name} {why}, got {getattr(self, name)!r}"
+                raise ConfigError(msg, field=name)
+
+
+def _num(v: Any, lo: float, hi: float) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and lo <= v <= hi
+
+
+def _int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+# -- rows ---------------------------------------------------------------------------------------
+
+
+def render_prompt_text(messages: list[dict[str, str]]) -> str:
+    """The plain-text prompt of a conversation (rule in the module docstring).
+
+    >>> render_prompt_text([{"role": "user", "content": "Hi?"}])
+    'Hi?'
+    >>> render_prompt_text([{"role": "system", "content": "Be kind."},
+    ...                     {"role": "user", "content": "Hi?"}])
+    'System: Be kind.\\n\\nHuman: Hi?\\n\\nAssistant:'
+    """
+    if len(messages) == 1 and messages[0]["role"] == "user":
+        return messages[0]["content"]
+    turns = [f"{ROLE_NAMES.get(m['role'], m['role'].title())}: {m['content']}" for m in messages]
+    return "\n\n".join([*turns, "Assistant:"])
+
+
+@dataclass
+class Selection:
+    """The outcome of filtering: kept rows (input order) and every filtered record's reason."""
+
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    filtered: Counter[str] = field(default_factory=Counter)
+    examples: dict[str, list[str]] = field(default_factory=dict)  # reason -> first 3 ids
+    verdicts: list[Verdict] = field(default_factory=list)  # every parsed verdict, for audits
+    inputs: int = 0
+
+    def drop(self, reason: str, record_id: str) -> None:
+        self.filtered[reason] += 1
+        ex = self.examples.setdefault(reason, [])
+        if len(ex) < 3:
+            ex.append(record_id)
+
+
+def _messages(rec: Mapping[str, Any], rid: str) -> list[dict[str, str]]:
+    prompt = rec.get("prompt")
+    try:  # only role and content: every row of a dataset needs the same schema
+        msgs = [{"role": m["role"], "content": m["content"]} for m in prompt]  # type: ignore
+    except (TypeError, KeyError):
+        msgs = []
+    if not msgs or not all(isinstance(v, str) for m in msgs for v in m.values()):
+        raise DataError(f"record {rid}: prompt must be a list of messages", field="prompt")
+    return msgs
+
+
+def _verdict(rec: Mapping[str, Any], rid: str) -> Verdict | None:
+    raw = rec.get("verdict")
+    if raw is None:
+        return None
+    try:
+        return Verdict.from_dict(raw)
+    except (TypeError, ValueError, AttributeError) as exc:
+        raise DataError(f"record {rid}: unreadable verdict ({exc})", field="verdict") from None
+
+
+def upstream_reason(reason: str) -> str:
+    """The filter category of a pair an earlier stage skipped, from its reason text.
+
+    Failures, ties and identical texts join their own categories; anything else (a CAI-SL
+    revision the judge did not prefer, ...) becomes ``"skipped upstream: <reason>"`` with
+    numbers masked, so the categories stay few.
+    """
+    r = " ".join(reason.split()).lower()
+    if r.startswith(("generation failed", "sampling failed")):
+        return GENERATION_ERROR
+    if r.startswith("judge error") or r.startswith("judge call failed"):
+        return JUDGE_ERROR
+    if r.startswith("tie"):
+        return TIE
+    if "identical" in r or r.startswith(("same texts", "no pair of distinct")):
+        return IDENTICAL
+    return f"{SKIPPED}: {_NUMBER.sub('#', r)[:80] or 'no reason given'}"
+
+
+def _classify(rec: Mapping[str, Any], cfg: PreferenceExportConfig, sel: Selection) -> dict | None:
+    """A kept row for one record, or None after counting its reason in ``sel``."""
+    rid = str(rec.get("id", "?"))
+    verdict = _verdict(rec, rid)
+    if verdict is not None:
+        sel.verdicts.append(verdict)
+    if rec.get("status") == "skipped":
+        return sel.drop(upstream_reason(str(rec.get("reason") or "")), rid)
+    if rec.get("status") != "ok":
+        judged = verdict is not None and verdict.status == "error"
+        judged = judged or str(rec.get("reason") or "").lower().startswith("judge")
+        return sel.drop(JUDGE_ERROR if judged else GENERATION_ERROR, rid)
+    x, y = rec.get("x"), rec.get("y")
+    if not isinstance(x, str) or not isinstance(y, str):
+        raise DataError(f"record {rid}: responses x and y must be text", field="x")
+    x, y = x.strip(), y.strip()
+    if not x or not y:
+        return sel.drop(EMPTY, rid)
+    if x == y:
+        return sel.drop(IDENTICAL, rid)
+    if verdict is None:
+        raise DataError(f"record {rid}: status ok but no verdict", field="verdict")
+    messages = _messages(rec, rid)
+    row, why = preference_row(messages, x, y, verdict)
+    if row is None:
+        return sel.drop(TIE if str(why).startswith("tie") else JUDGE_ERROR, rid)
+    p = verdict.p_a_better if verdict.winner == "a" else 1 - verdict.p_a_better  # type: ignore[operator]
+    # Never a row whose label the probability does not back (p <= 0.5 has margin <= 0).
+    if p < cfg.min_confidence - TOL or p <= 0.5 + TOL:
+        return sel.drop(LOW_CONFIDENCE, rid)
+    longer, shorter = max(len(x), len(y)), min(len(x), len(y))
+    if cfg.max_length_ratio is not None and longer > cfg.max_length_ratio * shorter + TOL:
+        return sel.drop(LENGTH_RATIO, rid)
+    prompt_key = content_hash(messages)
+    chosen, rejected = row["chosen"][0]["content"], row["rejected"][0]["content"]
+    return {
+        **row,
+        "id": rid,
+        "prompt_id": str(rec.get("prompt_id", "")),
+        "source": str(rec.get("source", "")),
+        "p_chosen": p,
+        "_prompt_key": prompt_key,
+        "_row_key": content_hash([messages, chosen, rejected]),
+    }
+
+
+def select_preferences(
+    records: Iterable[Mapping[str, Any]], cfg: PreferenceExportConfig
+) -> Selection:
+    """Filter judged pair records into preference rows, accounting for every record.
+
+    Raises:
+        DataError: a record lacks what a preference row needs (prompt messages, text
+            responses, a readable verdict when its status is ok).
+    """
+    sel = Selection()
+    candidates = []
+    for rec in records:
+        sel.inputs += 1
+        row = _classify(rec, cfg, sel)
+        if row is not None:
+            candidates.append(row)
+    seen: set[str] = set()
+    unique = []
+    for row in candidates:
+        if row["_row_key"] in seen:
+            sel.drop(DUPLICATE, row["id"])
+        else:
+            seen.add(row["_row_key"])
+            unique.append(row)
+    keep = set(range(len(unique)))
+    if cfg.max_pairs_per_prompt is not None:
+        groups: dict[str, list[int]] = {}
+        for i, row in enumerate(unique):
+            groups.setdefault(row["_prompt_key"], []).append(i)
+        for idx in groups.values():
+            ranked = sorted(idx, key=lambda i: (-unique[i]["p_chosen"], i))
+            for i in ranked[cfg.max_pairs_per_prompt :]:
+                keep.discard(i)
+                sel.drop(PROMPT_CAP, unique[i]["id"])
+    sel.rows = [row for i, row in enumerate(unique) if i in keep]
+    _check(sel)
+    return sel
+
+
+def _check(sel: Selection) -> None:
+    # Explicit raises, not assert: these must hold under python -O too.
+    accounted = len(sel.rows) + sum(sel.filtered.values())
+    if accounted != sel.inputs:
+        raise AssertionError(f"{sel.inputs} records in, {accounted} accounted for")
+    for row in sel.rows:
+        if row["chosen"][0]["content"].strip() == row["rejected"][0]["content"].strip():
+            raise AssertionError(f"row {row['id']} has chosen == rejected")
+
+
+def split_rows(rows: list[dict[str, Any]], test_size: float, seed: int) -> list[str]:
+    """``"train"`` or ``"test"`` for each row, by a seeded hash of its prompt text.
+
+    A prompt goes to test when its hash, read as a number in [0, 1), is below ``test_size``:
+    a prompt's split never depends on the other prompts, so a grown dataset keeps its test
+    set. With two or more prompts and ``test_size > 0``, at least one prompt (the lowest hash)
+    is in test; at least one (the highest) is always in train, so a single prompt is train.
+    """
+    keys = list(dict.fromkeys(row["_prompt_key"] for row in rows))
+    u = {k: int(content_hash([seed, k])[:16], 16) / 16**16 for k in keys}
+    test = {k for k in keys if u[k] < test_size}
+    if len(keys) >= 2 and test_size > 0 and not test:
+        test.add(min(keys, key=u.__getitem__))
+    if keys and test == set(keys):  # never all test: a test split needs something trained
+        test.discard(max(keys, key=u.__getitem__))
+    return ["test" if row["_prompt_key"] in test else "train" for row in rows]
+
+
+def variant_row(row: dict[str, Any], variant: str) -> dict[str, Any]:
+    """The exported form of a kept row: conversational messages or plain text."""
+    out = {k: row[k] for k in ("prompt", "chosen", "rejected", "margin", *META_COLUMNS)}
+    if variant == "text":
+        out["prompt"] = render_prompt_text(row["prompt"])
+        out["chosen"] = row["chosen"][0]["content"]
+        out["rejected"] = row["rejected"][0]["content"]
+    return out
+
+
+def _features(variant: str):  # -> datasets.Features
+    import datasets
+
+    text = datasets.Value("string")
+    msgs = datasets.List({"role": text, "content": text})
+    kind = msgs if variant == "conversational" else text
+    cols = {"prompt": kind, "chosen": kind, "rejected": kind, "margin": datasets.Value("float64")}
+    cols |= {"id": text, "prompt_id": text, "source": text, "p_chosen": datasets.Value("float64")}
+    return datasets.Features(cols)
+
+
+# -- files --------------------------------------------------------------------------------------
+
+
+def _write_variant(
+    folder: Path, variant: str, splits: dict[str, list[dict]], formats: tuple[str, ...]
+) -> list[Path]:
+    import datasets
+
+    datasets.disable_progress_bars()
+    folder.mkdir(parents=True)
+    feats = _features(variant)
+    dss = {
+        s: datasets.Dataset.from_list(r, features=feats)
+        if r
+        else datasets.Dataset.from_dict({k: [] for k in feats}, features=feats)
+        for s, r in splits.items()
+    }
+    paths = []
+    for fmt in formats:
+        if fmt == "disk":
+            # An empty split needs an explicit shard: datasets 5.2 writes none by default,
+            # and load_from_disk then fails on the missing file.
+            shards = {s: 1 for s, r in splits.items() if not r}
+            datasets.DatasetDict(dss).save_to_disk(str(folder / "disk"), num_shards=shards)
+            paths.append(folder / "disk")
+        for s, rows in splits.items():
+            if fmt == "jsonl":
+                _write_jsonl(rows, folder / f"{s}.jsonl")
+                paths.append(folder / f"{s}.jsonl")
+            elif fmt == "parquet":
+                dss[s].to_parquet(str(folder / f"{s}.parquet"))
+                paths.append(folder / f"{s}.parquet")
+    return paths
+
+
+def _fsync_tree(root: Path) -> None:
+    """Make every file under ``root`` durable before the swap publishes it (pyarrow and
+    matplotlib write without fsync)."""
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            with open(path, "rb+") as fh:
+                os.fsync(fh.fileno())
+    for folder in sorted({p.parent for p in root.rglob("*")} | {root}):
+        fsync_dir(folder)
+
+
+def _swap_in(staging: Path, final: Path) -> None:
+    """Replace ``final`` by ``staging`` so readers see the old export or the new, never half."""
+    _fsync_tree(staging)
+    old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(staging, final)
+    fsync_dir(final.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def export_preferences(
+    records: Iterable[Mapping[str, Any]],
+    run_dir: str | Path,
+    cfg: PreferenceExportConfig,
+    provenance: Mapping[str, Any],
+    manifest: Manifest,
+) -> dict[str, Any]:
+    """Filter, split and write the preference datasets, card and plot; push if configured.
+
+    Args:
+        records: judged pair records, in prompt-source order.
+        run_dir: the run directory; files go to ``run_dir/export/preferences``.
+        cfg: filters, split and formats.
+        provenance: constitution, models, template hashes, judge config, seeds, version
+            (see :func:`rlaif.export.card.render_card`); secrets in it are never written.
+        manifest: its ``info["export"]["preferences"]`` gets the counts and filter reasons.
+
+    Returns:
+        The statistics written to the manifest, plus ``rows`` (conversational, per split).
+
+    Raises:
+        DataError: a malformed record. StoreError: the files cannot be written (the records
+        are untouched). PushToHubError (``cfg.push_to_hub``): the upload failed; the local
+        export and ``manifest.info`` are complete.
+    """
+    from rlaif.export.card import plot_margins, render_card, summarize
+
+    sel = select_preferences(records, cfg)
+    where = split_rows(sel.rows, cfg.test_size, cfg.seed)
+    by_split = {s: [r for r, w in zip(sel.rows, where, strict=True) if w == s] for s in SPLITS}
+    out = Path(run_dir) / "export" / "preferences"
+    staging = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    files: dict[str, list[str]] = {}
+    try:
+        # Leftovers of an interrupted export (the run lock keeps exports of one run serial).
+        for stale in out.parent.glob(f".{out.name}.*-*") if out.parent.is_dir() else []:
+            shutil.rmtree(stale, ignore_errors=True)
+        staging.mkdir(parents=True)
+        for variant in cfg.variants:
+            rows = {s: [variant_row(r, variant) for r in by_split[s]] for s in SPLITS}
+            written = _write_variant(staging / variant, variant, rows, cfg.formats)
+            files[variant] = [str(p.relative_to(staging)) for p in written]
+        stats = summarize(sel, by_split, cfg)
+        stats["files"] = files
+        if cfg.plot:
+            plot_margins(sel.rows, staging / "margins.png")
+            stats["plot"] = "margins.png"
+        card = render_card(stats, provenance, cfg)
+        (staging / "README.md").write_text(card, encoding="utf-8")
+        _swap_in(staging, out)
+    except OSError as exc:
+        raise StoreError(
+            f"cannot write the preference export: {exc.strerror or exc}; the records are safe, "
+            "re-run to export again",
+            file=getattr(exc, "filename", None) or out,
+        ) from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)  # gone already after a successful swap
+    stats["export_dir"] = str(out)
+    manifest.info.setdefault("export", {})["preferences"] = stats
+    if cfg.push_to_hub:
+        from rlaif.export.card import push_to_hub
+
+        stats["hub"] = {"repo_id": cfg.push_to_hub, "url": None}
+        stats["hub"]["url"] = push_to_hub(out, cfg.push_to_hub, private=cfg.private)
+    conversational = {s: [variant_row(r, "conversational") for r in by_split[s]] for s in SPLITS}
+    return {**stats, "rows": conversational}
