@@ -163,7 +163,7 @@ class Constitution:
     def sample_principles(
         self, k: int, rng: random.Random, *, kind: str = "critique"
     ) -> list[Principle]:
-        """Draw ``k`` principles of a kind (``critique`` or ``judge``) with replacement, by weight."""
+        """``k`` principles of a kind (critique or judge), drawn by weight with replacement."""
         pool = self.critique_principles if kind == "critique" else self.judge_principles
         if not pool:
             raise ConfigError(
