@@ -107,7 +107,7 @@ def raw_vllm(backend: Any, batches: list) -> int:
     """Plain ``vllm.LLM.generate`` on the recorded batches; returns generated tokens."""
     import vllm
 
-    from rlaif.backends.transformers_backend import prompt_ids
+    from rlaif.backends.local import prompt_ids
 
     total = 0
     for conversations, params in batches:

@@ -18,7 +18,7 @@ from rlaif.backends import (
     TransformersBackend,
     load_backend,
 )
-from rlaif.backends.transformers_backend import choice_ids, prompt_ids
+from rlaif.backends.local import choice_ids, prompt_ids
 from rlaif.errors import BackendError, ModelError
 
 

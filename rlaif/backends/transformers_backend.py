@@ -33,7 +33,8 @@ from typing import Any
 
 import torch
 
-from rlaif.backends.base import Backend, ChoiceScores, Completion, Conversation, SamplingParams
+from rlaif.backends.base import ChoiceScores, Completion, Conversation, SamplingParams
+from rlaif.backends.local import LocalModelBackend, choice_ids, prompt_ids
 from rlaif.backends.resolve import DEFAULT_MODEL, resolve_model
 from rlaif.errors import BackendError, ModelError
 
@@ -51,17 +52,6 @@ _DTYPES = {
 # leaves batch size out), while bf16 changed 7-10 of 16 SmolLM2 greedy replies between batch
 # 1 and batch 5/16. bf16 was up to ~1.3x faster on an AVX-512-bf16 EPYC, not worth that.
 CPU_AUTO_DTYPE = torch.float32
-
-
-def prompt_ids(tokenizer: Any, conversation: Conversation) -> list[int]:
-    """Token ids of ``conversation`` rendered by the chat template, ready for the reply."""
-    text = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-def choice_ids(tokenizer: Any, choice: str) -> list[int]:
-    """Token ids of a choice string as the start of the assistant's reply."""
-    return list(tokenizer(choice, add_special_tokens=False)["input_ids"])
 
 
 def _pick_device(device: str) -> torch.device:
@@ -165,7 +155,7 @@ def _sample(
     return picks
 
 
-class TransformersBackend(Backend):
+class TransformersBackend(LocalModelBackend):
     """A Hugging Face causal LM served in-process with a KV-cached decode loop.
 
     Args:
@@ -444,25 +434,6 @@ class TransformersBackend(Backend):
             ChoiceScores(logprobs={c: s[c] for c in cids}, prompt_tokens=len(p))
             for s, p in zip(scores, prompts, strict=True)
         ]
-
-    def count_tokens(self, conversation: Conversation) -> int:
-        """Prompt length in tokens after the chat template (generation prompt included)."""
-        return len(prompt_ids(self.tokenizer, conversation))
-
-    @property
-    def max_context(self) -> int | None:
-        return self._max_context
-
-    def describe(self) -> dict[str, Any]:
-        """Provenance: backend, model id, revision, where it came from, dtype and device."""
-        return {
-            "backend": self.name,
-            "model": self.model_id,
-            "revision": self.model_revision,
-            "source": self.resolved.source,
-            "dtype": str(self.dtype).removeprefix("torch."),
-            "device": str(self.device),
-        }
 
     def close(self) -> None:
         """Drop the model and free its memory (CPU RAM and, on GPU, the CUDA cache)."""

@@ -41,9 +41,9 @@ import os
 from dataclasses import replace
 from typing import Any
 
-from rlaif.backends.base import Backend, ChoiceScores, Completion, Conversation, SamplingParams
+from rlaif.backends.base import ChoiceScores, Completion, Conversation, SamplingParams
+from rlaif.backends.local import LocalModelBackend, choice_ids, prompt_ids
 from rlaif.backends.resolve import DEFAULT_MODEL, resolve_model
-from rlaif.backends.transformers_backend import choice_ids, prompt_ids
 from rlaif.errors import BackendError, ModelError
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ def _one_line(exc: BaseException, limit: int = 200) -> str:
     return " ".join(str(exc).split())[:limit]
 
 
-class VLLMBackend(Backend):
+class VLLMBackend(LocalModelBackend):
     """A model served by an in-process ``vllm.LLM`` engine.
 
     Args:
@@ -360,25 +360,6 @@ class VLLMBackend(Backend):
             ChoiceScores(logprobs={c: s[c] for c in cids}, prompt_tokens=len(p))
             for s, p in zip(scores, prompts, strict=True)
         ]
-
-    def count_tokens(self, conversation: Conversation) -> int:
-        """Prompt length in tokens after the chat template (generation prompt included)."""
-        return len(prompt_ids(self.tokenizer, conversation))
-
-    @property
-    def max_context(self) -> int | None:
-        return self._max_context
-
-    def describe(self) -> dict[str, Any]:
-        """Provenance: backend, model id, revision, where it came from, dtype and device."""
-        return {
-            "backend": self.name,
-            "model": self.model_id,
-            "revision": self.model_revision,
-            "source": self.resolved.source,
-            "dtype": self.dtype,
-            "device": self.device,
-        }
 
     def close(self) -> None:
         """Shut the engine's processes down and free their memory (RAM or GPU)."""

@@ -1,0 +1,49 @@
+"""What the in-process backends (transformers, vLLM) share: chat-template conventions and
+provenance of a model loaded from a local folder."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rlaif.backends.base import Backend, Conversation
+
+
+def prompt_ids(tokenizer: Any, conversation: Conversation) -> list[int]:
+    """Token ids of ``conversation`` rendered by the chat template, ready for the reply."""
+    text = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def choice_ids(tokenizer: Any, choice: str) -> list[int]:
+    """Token ids of a choice string as the start of the assistant's reply."""
+    return list(tokenizer(choice, add_special_tokens=False)["input_ids"])
+
+
+class LocalModelBackend(Backend):
+    """A backend over a model resolved to a local folder (``self.resolved``) with an HF
+    tokenizer (``self.tokenizer``); subclasses set ``dtype``, ``device`` and ``_max_context``."""
+
+    resolved: Any
+    tokenizer: Any
+    dtype: Any = None
+    device: Any = None
+    _max_context: int | None = None
+
+    def count_tokens(self, conversation: Conversation) -> int:
+        """Prompt length in tokens after the chat template (generation prompt included)."""
+        return len(prompt_ids(self.tokenizer, conversation))
+
+    @property
+    def max_context(self) -> int | None:
+        return self._max_context
+
+    def describe(self) -> dict[str, Any]:
+        """Provenance: backend, model id, revision, where it came from, dtype and device."""
+        return {
+            "backend": self.name,
+            "model": self.model_id,
+            "revision": self.model_revision,
+            "source": self.resolved.source,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "device": str(self.device),
+        }
