@@ -41,6 +41,8 @@ _LAZY = {
     "RewardSource": "rlaif.train.online",
     "train_grpo": "rlaif.train.online",
     "train_rloo": "rlaif.train.online",
+    "PPOConfig": "rlaif.train.ppo",
+    "train_ppo": "rlaif.train.ppo",
 }
 
 __all__ = [
