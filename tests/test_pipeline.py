@@ -361,3 +361,26 @@ def test_rl_cai_config_errors(tmp_path):
         load_pipeline(p)
     assert info.value.field == "stages.export.preferences.min_confidence"
     assert info.value.line == 13
+
+
+def test_judge_ensemble_across_models(tmp_path):
+    """Two judge models: each judges every pair; the exported verdicts are their average."""
+    text = RL_PIPE.replace("{pairs}", "all").replace(
+        "judge: {{principles_k: 2, pairs: all}}",
+        "judge: {{principles_k: 1, pairs: all,"
+        " extra_models: [{{id: other-judge, backend: fake}}]}}",
+    )
+    p = make_pipeline(tmp_path, n=4, text=text)
+    res = run_pipeline(load_pipeline(p))
+    run = tmp_path / "run"
+    one = {r["id"]: r for r in StageStore(run, "judge", readonly=True).iter_records()}
+    two = list(StageStore(run, "judge-2", readonly=True).iter_records())
+    assert len(one) == len(two) == 4 + 4 * 3
+    assert res.manifest.info["provenance"]["judge_models"][1]["model"] == "other-judge"
+    rows = [
+        json.loads(x)
+        for f in ("train", "test")
+        for x in (run / "export/preferences/conversational" / f"{f}.jsonl").read_text().splitlines()
+    ]
+    assert rows and all(r["chosen"] != r["rejected"] for r in rows)
+    assert res.exports["preferences"]["inputs"] == 4 + 4 * 3

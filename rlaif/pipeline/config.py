@@ -8,6 +8,8 @@ line is reported as coming from ``--set``.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -83,6 +85,8 @@ class JudgeStageConfig:
     cai_sl: bool = True  # also judge revision vs initial response when critique_revise ran
     min_p_revision: float = 0.5  # keep a CAI-SL pair only when P(revision better) >= this
     model: ModelConfig | None = None  # judge model; default: the pipeline's model
+    # more judge models: each judges every pair, and their verdicts are averaged per pair
+    extra_models: list[ModelConfig] = field(default_factory=list)
 
     def judge_config(self):  # -> rlaif.stages.judge.JudgeConfig
         from rlaif.stages.judge import JudgeConfig
@@ -118,7 +122,10 @@ class ExportConfig:
                 f"unknown key '{unknown[0]}' (allowed: {', '.join(sorted(names))})",
                 field=unknown[0],
             )
-        return PreferenceExportConfig(**self.preferences)
+        try:
+            return PreferenceExportConfig(**self.preferences)
+        except (TypeError, ValueError) as exc:  # e.g. formats: 5 (not a list)
+            raise ConfigError(f"invalid value: {exc}") from None
 
 
 @dataclass
@@ -189,14 +196,25 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> Pipel
     return cfg
 
 
+# Lone surrogates come from command-line bytes that are not UTF-8 (Python's surrogateescape).
+_SURROGATE = re.compile("[\ud800-\udfff]")
+# Values in one free-form section (backend options, export settings): enough for any real
+# config, and a bound on what YAML aliases can expand to (a "billion laughs" file).
+MAX_SECTION_VALUES = 10_000
+MAX_ROUNDS = 100  # critique-revise rounds; the step list is built up front
+MAX_SAMPLES = 128  # sampled responses per prompt (8,128 judged pairs per prompt)
+
+
 def _apply_override(raw: LineDict, item: str) -> None:
     key, sep, text = item.partition("=")
     key = key.strip()
     if not sep or not key:
-        raise ConfigError(f"expected key=value, got '{item}'", file="--set")
+        raise ConfigError(f"expected key=value, got '{item[:80]}'", file="--set")
+    if _SURROGATE.search(item):
+        raise ConfigError("value is not valid UTF-8", file="--set", field=key[:80])
     try:
         value = yaml.safe_load(text) if text.strip() else None
-    except yaml.YAMLError:
+    except (yaml.YAMLError, ValueError, RecursionError):  # not YAML: take it as text
         value = text
     parts = key.split(".")
     node: Any = raw
@@ -278,6 +296,7 @@ def _convert(tp: Any, value: Any, where: tuple[str, int | None], name: str) -> A
     if origin is dict:
         if not isinstance(value, dict):
             raise bad
+        _check_plain(value, where, name)
         return dict(value)
     if tp is bool:
         if not isinstance(value, bool):
@@ -290,12 +309,52 @@ def _convert(tp: Any, value: Any, where: tuple[str, int | None], name: str) -> A
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # an int too large for a float
+            number = math.inf
+        if not math.isfinite(number):
+            raise ConfigError(f"must be a finite number, got {value!r}"[:200], **_at(where, name))
+        return number
     if tp is str:
-        if isinstance(value, (dict, list)) or value is None:
+        if isinstance(value, (dict, list, set, bytes)) or value is None:
             raise bad
         return str(value)
     return value
+
+
+def _at(where: tuple[str, int | None], name: str) -> dict[str, Any]:
+    return {"file": where[0], "line": where[1], "field": name}
+
+
+def _check_plain(value: dict, where: tuple[str, int | None], name: str) -> None:
+    """A free-form section goes into the manifest and the dataset card as JSON: only text,
+    finite numbers, booleans, null, lists and mappings with text keys, and a bounded number of
+    values (YAML aliases could otherwise expand one line into billions)."""
+    stack: list[tuple[Any, str]] = [(value, name)]
+    seen = 0
+    while stack:
+        v, path = stack.pop()
+        seen += 1
+        if seen > MAX_SECTION_VALUES:
+            raise ConfigError(
+                f"more than {MAX_SECTION_VALUES} values (do YAML aliases expand here?)",
+                **_at(where, name),
+            )
+        if isinstance(v, dict):
+            for k, x in v.items():
+                if not isinstance(k, str):
+                    raise ConfigError(f"key {k!r} must be text", **_at(where, path))
+                stack.append((x, f"{path}.{k}"))
+        elif isinstance(v, list):
+            stack.extend((x, f"{path}[{i}]") for i, x in enumerate(v))
+        elif isinstance(v, float) and not math.isfinite(v):
+            raise ConfigError(f"must be a finite number, got {v!r}", **_at(where, path))
+        elif v is not None and not isinstance(v, (str, int, float, bool)):
+            raise ConfigError(
+                f"must be text, a number, true/false, a list or a mapping, got {type(v).__name__}",
+                **_at(where, path),
+            )
 
 
 def _check(cfg: PipelineConfig, raw: LineDict, f: str) -> None:
@@ -319,6 +378,10 @@ def _check(cfg: PipelineConfig, raw: LineDict, f: str) -> None:
             fail(f"'{value}' is not one of {', '.join(allowed)}", dotted)
     if cfg.batch_size < 1:
         fail("must be at least 1", "batch_size")
+    if not 0 <= cfg.seed < 2**62:  # per-request seeds add offsets; torch takes < 2**64
+        fail("must be between 0 and 2**62", "seed")
+    if cfg.prompts.offset < 0:
+        fail("must be 0 or more", "prompts.offset")
     if not cfg.prompts.path:
         fail("missing: the file or folder with the prompts", "prompts.path")
     if cfg.prompts.limit is not None and cfg.prompts.limit < 1:
@@ -327,6 +390,8 @@ def _check(cfg: PipelineConfig, raw: LineDict, f: str) -> None:
     if cr is not None:
         if cr.rounds < 1:
             fail("must be at least 1", "stages.critique_revise.rounds")
+        if cr.rounds > MAX_ROUNDS:
+            fail(f"must be at most {MAX_ROUNDS}", "stages.critique_revise.rounds")
         if cr.few_shot < 0:
             fail("must be 0 or more", "stages.critique_revise.few_shot")
         for step in ("respond", "critique", "revise"):
@@ -341,15 +406,22 @@ def _check(cfg: PipelineConfig, raw: LineDict, f: str) -> None:
             fail(str(exc), "stages.sample")
         if cfg.stages.sample.n < 2 and cfg.stages.judge is not None:
             fail("judging sampled responses needs n >= 2", "stages.sample.n")
+        if cfg.stages.sample.n > MAX_SAMPLES:
+            # every pair is judged: n * (n - 1) / 2 pairs per prompt
+            fail(f"must be at most {MAX_SAMPLES}", "stages.sample.n")
     j = cfg.stages.judge
     if j is not None:
         if j.pairs not in ("all", "best_vs_worst"):
             fail(f"'{j.pairs}' is not one of all, best_vs_worst", "stages.judge.pairs")
-        if j.model is not None and j.model.backend not in _CHOICES["model.backend"]:
-            fail(
-                f"'{j.model.backend}' is not one of {', '.join(_CHOICES['model.backend'])}",
-                "stages.judge.model.backend",
-            )
+        judges = [("stages.judge.model", j.model)] + [
+            (f"stages.judge.extra_models[{n}]", m) for n, m in enumerate(j.extra_models)
+        ]
+        for where, m in judges:
+            if m is not None and m.backend not in _CHOICES["model.backend"]:
+                fail(
+                    f"'{m.backend}' is not one of {', '.join(_CHOICES['model.backend'])}",
+                    f"{where}.backend",
+                )
         try:
             j.judge_config()
         except ConfigError as exc:

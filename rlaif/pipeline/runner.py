@@ -53,7 +53,7 @@ class _Run:
     constitution: Constitution
     book: PromptBook
     caller: ModelCaller
-    judge_caller: ModelCaller | None
+    judge_callers: list[ModelCaller]  # first: the main judge; more: a cross-model ensemble
     retry_errors: bool
     stream: TextIO
     stores: list[StageStore] = field(default_factory=list)
@@ -73,9 +73,13 @@ class _Run:
             "seed": self.cfg.seed,
             "rlaif_version": __version__,
         }
-        if self.judge_caller is not None:
-            p["judge_model"] = self.judge_caller.model
-            p["judge_revision"] = self.judge_caller.revision
+        if self.judge_callers:
+            p["judge_model"] = self.judge_callers[0].model
+            p["judge_revision"] = self.judge_callers[0].revision
+            if len(self.judge_callers) > 1:
+                p["judge_models"] = [
+                    {"model": c.model, "revision": c.revision} for c in self.judge_callers
+                ]
             p["judge"] = self.cfg.stages.judge.judge_config().to_dict()  # type: ignore[union-attr]
         return p
 
@@ -116,14 +120,17 @@ def run_pipeline(
         )
         cache = CallCache(run_dir / "cache" / "calls.jsonl")
         caller = make_caller(cfg.model, cfg.batch_size, cache, backend)
-        judge_caller = None
+        judge_callers: list[ModelCaller] = []
         if cfg.stages.judge is not None:
             jm = cfg.stages.judge.model
-            judge_caller = (
-                make_caller(jm, cfg.batch_size, cache, judge_backend)
+            judge_callers.append(
+                make_caller(jm or cfg.model, cfg.batch_size, cache, judge_backend)
                 if jm or judge_backend
                 else caller
             )
+            judge_callers += [
+                make_caller(m, cfg.batch_size, cache) for m in cfg.stages.judge.extra_models
+            ]
         run = _Run(
             cfg,
             run_dir,
@@ -131,7 +138,7 @@ def run_pipeline(
             load_constitution(cfg.constitution_ref()),
             PromptBook(cfg.resolve_path(cfg.templates) if cfg.templates else None),
             caller,
-            judge_caller,
+            judge_callers,
             retry_errors,
             stream or sys.stderr,
         )
@@ -162,8 +169,8 @@ def run_pipeline(
                 exports["preferences"] = _judge_and_export(run, base, traces, samples)
             manifest = Manifest.from_store(run_dir, base=base)
             manifest.info["calls"] = {"policy": caller.stats.to_dict()}
-            if judge_caller is not None and judge_caller is not caller:
-                manifest.info["calls"]["judge"] = judge_caller.stats.to_dict()
+            for n, jc in enumerate(c for c in judge_callers if c is not caller):
+                manifest.info["calls"][f"judge-{n + 1}"] = jc.stats.to_dict()
             manifest.info["backend"] = caller.describe()
             manifest.finish()
             manifest.write(run_dir)
@@ -172,13 +179,29 @@ def run_pipeline(
                 s.close()
             cache.close()
             caller.close()
-            if judge_caller is not None:
-                judge_caller.close()
+            for jc in judge_callers:
+                jc.close()
     stats = dict(caller.stats.to_dict())
-    if judge_caller is not None and judge_caller is not caller:
-        for k, v in judge_caller.stats.to_dict().items():
-            stats[k] = stats.get(k, 0) + v
+    for jc in judge_callers:
+        if jc is not caller:
+            for k, v in jc.stats.to_dict().items():
+                stats[k] = stats.get(k, 0) + v
     return RunResult(run_dir, manifest, exports, stats, time.perf_counter() - t0)
+
+
+def _ensemble_record(records: list[dict[str, Any]], jcfg: J.JudgeConfig) -> dict[str, Any]:
+    """One judged-pair record from the same pair judged by several models."""
+    verdict = J.ensemble([J.Verdict.from_dict(r["verdict"]) for r in records], jcfg)
+    rec = {
+        **records[0],
+        "id": record_id("judge-ensemble", [r["id"] for r in records]),
+        "verdict": verdict.to_dict(),
+        "status": verdict.status,
+    }
+    rec.pop("reason", None)
+    if verdict.status != "ok":
+        rec["reason"] = f"judge error: {verdict.reason or 'unknown'}"
+    return rec
 
 
 def _count(reasons: Any) -> dict[str, int]:
@@ -261,7 +284,7 @@ def _judge_and_export(
     from rlaif.export.preferences import export_preferences
 
     cfg, jstage = run.cfg, run.cfg.stages.judge
-    assert jstage is not None and run.judge_caller is not None
+    assert jstage is not None and run.judge_callers
     jcfg = jstage.judge_config()
     prompts = {i.id: i.messages() for i in run.items}
     pairs: list[PairToJudge] = []
@@ -280,25 +303,37 @@ def _judge_and_export(
         pairs += [
             PairToJudge(pid, prompts[pid], texts[i], texts[j], "samples", i, j) for i, j in ij
         ]
-    store = run.store("judge")
-    manifest.set_expected("judge", len(pairs))
-    judged: dict[str, dict[str, Any]] = {}
-    with Progress(len(pairs), f"judge ({jcfg.mode})", "pairs", run.stream) as progress:
-        for start in range(0, len(pairs), WAVE):
-            judged.update(
-                judge_wave(
-                    pairs[start : start + WAVE],
-                    jcfg,
-                    run.constitution,
-                    run.book,
-                    cfg.system,
-                    cfg.seed,
-                    run.judge_caller,
-                    store,
-                    progress,
+    per_model = []
+    for n, jc in enumerate(run.judge_callers):
+        name = "judge" if n == 0 else f"judge-{n + 1}"
+        store = run.store(name)
+        manifest.set_expected(name, len(pairs))
+        judged: dict[str, dict[str, Any]] = {}
+        with Progress(len(pairs), f"{name} ({jcfg.mode})", "pairs", run.stream) as progress:
+            for start in range(0, len(pairs), WAVE):
+                judged.update(
+                    judge_wave(
+                        pairs[start : start + WAVE],
+                        jcfg,
+                        run.constitution,
+                        run.book,
+                        cfg.system,
+                        cfg.seed,
+                        jc,
+                        store,
+                        progress,
+                    )
                 )
-            )
-    by_pair = {(r["source"], r["prompt_id"], r["i"], r["j"]): r for r in judged.values()}
+        per_model.append(
+            {(r["source"], r["prompt_id"], r["i"], r["j"]): r for r in judged.values()}
+        )
+    by_pair = per_model[0]
+    if len(per_model) > 1:  # several judge models: average their verdicts per pair
+        by_pair = {
+            k: _ensemble_record([m[k] for m in per_model], jcfg)
+            for k in by_pair
+            if all(k in m for m in per_model)
+        }
     records: list[dict[str, Any]] = []
     for t in traces or []:  # CAI-SL: keep a revision only when the judge prefers it
         if not jstage.cai_sl or t is None:
