@@ -22,16 +22,17 @@ class RlaifError(Exception):
         self.message = " ".join(str(message).split())  # always one line
         self.file = str(file) if file is not None else None
         self.line = line
-        self.field = field
+        self.field = str(field) if field is not None else None
         super().__init__(self.__str__())
 
     def __str__(self) -> str:
         where = ""
         if self.file:
-            where = self.file
+            where = _printable(self.file)
             if self.line is not None:
                 where += f":{self.line}"
-        parts = [p for p in (where, f"field '{self.field}'" if self.field else "") if p]
+        field = f"field '{_printable(self.field)}'" if self.field else ""
+        parts = [p for p in (where, field) if p]
         prefix = ": ".join(parts)
         return f"{prefix}: {self.message}" if prefix else self.message
 
@@ -54,3 +55,13 @@ class BackendError(RlaifError):
 
 class StoreError(RlaifError):
     """The record store cannot read or write its files."""
+
+
+def _printable(text: str) -> str:
+    """``text`` with line breaks and other control characters escaped (``\\n``), so a
+    file or key name taken from user data cannot split the one-line message."""
+    if text.isprintable():
+        return text
+    return "".join(
+        c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text
+    )

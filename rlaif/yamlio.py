@@ -6,6 +6,8 @@ construct Python objects are refused exactly as ``yaml.safe_load`` refuses them.
 
 from __future__ import annotations
 
+import re
+import reprlib
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +36,28 @@ class LineList(list):
         return self.item_lines[index] if index < len(self.item_lines) else self.line
 
 
+# A lone UTF-16 surrogate (from a "\\ud800" escape) is not text: no file, tokenizer or JSON
+# writer downstream can encode it, so it is refused where it is read.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 class _LineLoader(yaml.SafeLoader):
-    pass
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        # The safe constructors raise plain ValueError for values they cannot build (an int
+        # past Python's 4300-digit limit, a date like 2024-02-30): give those the node's line.
+        try:
+            value = super().construct_object(node, deep=deep)
+        except ValueError as exc:
+            raise ConfigError(
+                f"invalid value: {' '.join(str(exc).split(';')[0].split())[:120]}",
+                line=node.start_mark.line + 1,
+            ) from None
+        if isinstance(value, str) and _SURROGATE.search(value):
+            raise ConfigError(
+                "text is not valid Unicode (a lone surrogate such as \\ud800)",
+                line=node.start_mark.line + 1,
+            )
+        return value
 
 
 def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode) -> LineDict:
@@ -97,6 +119,11 @@ def load_yaml(path: str | Path, text: str | None = None) -> Any:
     except ConfigError as exc:
         exc.file = str(path)
         raise ConfigError(exc.message, file=path, line=exc.line, field=exc.field) from None
+    except yaml.reader.ReaderError as exc:  # a control character such as NUL in the text
+        line = text[: exc.position].count("\n") + 1
+        raise ConfigError(
+            f"invalid YAML: character {exc.character!r} is not allowed", file=path, line=line
+        ) from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else None
@@ -115,3 +142,24 @@ def line_of(container: Any, key: Any, default: int | None = None) -> int | None:
     if isinstance(container, LineList) and isinstance(key, int):
         return container.line_of(key)
     return getattr(container, "line", default) or default
+
+
+class _ShortRepr(reprlib.Repr):
+    """reprlib with LineDict / LineList treated as dict / list (reprlib would fall back to a
+    full ``repr`` for subclasses, which for a YAML alias bomb never finishes)."""
+
+    def repr1(self, x: Any, level: int) -> str:
+        if isinstance(x, dict):
+            return self.repr_dict(x, level)
+        if isinstance(x, list):
+            return self.repr_list(x, level)
+        return super().repr1(x, level)
+
+
+_SHORT = _ShortRepr()
+_SHORT.maxstring = _SHORT.maxother = 80
+
+
+def short_repr(value: Any) -> str:
+    """A bounded ``repr`` of a loaded value, for error messages."""
+    return _SHORT.repr(value)

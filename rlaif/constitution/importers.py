@@ -35,13 +35,33 @@ _TURN = re.compile(r"\n\n(Human|Assistant|CritiqueRequest|Critique|RevisionReque
 
 def _read_json(path: Path) -> Any:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
+        # "\ud800" escapes decode to lone surrogates, which no YAML or UTF-8 file can hold.
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+        return data
     except FileNotFoundError:
         raise ConfigError("file not found", file=path) from None
+    except OSError as exc:  # a folder, no permission, ...
+        raise ConfigError(f"cannot read file: {exc.strerror or exc}", file=path) from None
     except UnicodeDecodeError:
         raise ConfigError("file is not valid UTF-8", file=path) from None
+    except UnicodeEncodeError:
+        raise ConfigError(
+            "text is not valid Unicode (a lone surrogate such as \\ud800)", file=path
+        ) from None
     except json.JSONDecodeError as exc:
         raise ConfigError(f"invalid JSON: {exc.msg}", file=path, line=exc.lineno) from None
+    except ValueError as exc:  # e.g. an integer past Python's 4300-digit limit
+        raise ConfigError(f"invalid JSON: {str(exc).split(':')[0]}", file=path) from None
+    except RecursionError:
+        raise ConfigError("invalid JSON: nesting too deep", file=path) from None
+
+
+def _str(value: Any, path: Path, field: str) -> str:
+    """A text field of an imported file, or a ConfigError naming it."""
+    if not isinstance(value, str):
+        raise ConfigError(f"must be text, got {type(value).__name__}", file=path, field=field)
+    return value
 
 
 def _title(text: str, limit: int = 72) -> str:
@@ -99,15 +119,14 @@ def import_anthropic(sources: list[Path]) -> dict[str, Any]:
         ):
             for key, value in sorted(data.items(), key=lambda kv: _natural(kv[0])):
                 prompts = value.get("prompt") or []
-                if not prompts or not isinstance(prompts[0], str):
+                if not isinstance(prompts, list) or not prompts or not isinstance(prompts[0], str):
                     raise ConfigError("entry has no critique prompt", file=path, field=key)
                 critique = _strip_label(
                     _strip_label(prompts[0], "CritiqueRequest").removesuffix("Critique:"),
                     "CritiqueRequest",
                 )
-                revision = _strip_label(
-                    value["edit_request"].strip().removesuffix("Revision:"), "RevisionRequest"
-                )
+                edit = _str(value["edit_request"], path, f"{key}.edit_request")
+                revision = _strip_label(edit.strip().removesuffix("Revision:"), "RevisionRequest")
                 principles.append(
                     {
                         "id": key,
@@ -179,24 +198,30 @@ def import_llm_swarm(sources: list[Path]) -> dict[str, Any]:
                     file=path,
                     field=f"constitutions[{i}]",
                 )
+            critic = _str(item["critic"], path, f"constitutions[{i}].critic")
+            revision = _str(item["revision"], path, f"constitutions[{i}].revision")
             principles.append(
                 {
                     "id": f"{path.stem.replace('_', '-')}-{i}",
-                    "title": _title(item["critic"]),
+                    "title": _title(critic),
                     "tags": ["critique", "llm-swarm"],
-                    "critique": item["critic"].strip(),
-                    "revision": item["revision"].strip(),
+                    "critique": critic.strip(),
+                    "revision": revision.strip(),
                 }
             )
-        for j, chat in enumerate(data.get("system_chat") or []):
-            roles = [m.get("role") for m in chat] if isinstance(chat, list) else []
+        chats = data.get("system_chat") or []
+        if not isinstance(chats, list):
+            raise ConfigError("must be a list of chats", file=path, field="system_chat")
+        for j, chat in enumerate(chats):
+            ok = isinstance(chat, list) and all(isinstance(m, dict) for m in chat)
+            roles = [m.get("role") for m in chat] if ok else []
             if roles != ["user", "assistant"] * 3:
                 raise ConfigError(
                     "few-shot chat must be 6 turns: user, assistant (x3)",
                     file=path,
                     field=f"system_chat[{j}]",
                 )
-            c = [m["content"].strip() for m in chat]
+            c = [_str(m.get("content"), path, f"system_chat[{j}].content").strip() for m in chat]
             examples.append(
                 {
                     "prompt": c[0],

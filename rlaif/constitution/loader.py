@@ -13,7 +13,7 @@ from typing import Any
 from rlaif.constitution.model import EXAMPLE_FIELDS, Constitution, Example, Principle
 from rlaif.errors import ConfigError
 from rlaif.resources import resource_dir
-from rlaif.yamlio import LineDict, LineList, line_of, load_yaml
+from rlaif.yamlio import LineDict, LineList, line_of, load_yaml, short_repr
 
 TOP_FIELDS = (
     "name",
@@ -257,7 +257,7 @@ def _principle(item: LineDict, f: str, where: str, base: Principle | None) -> Pr
         w = item["weight"]
         if isinstance(w, bool) or not isinstance(w, (int, float)) or not (w > 0 and w < 1e9):
             raise ConfigError(
-                f"weight must be a positive number, got {w!r}",
+                f"weight must be a positive number, got {short_repr(w)}",
                 file=f,
                 line=item.line_of("weight"),
                 field=f"{where}.weight",

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rlaif.backends.base import Backend, ChoiceScores, Completion, Conversation, SamplingParams
-from rlaif.errors import BackendError, ModelError
+from rlaif.errors import BackendError, ModelError, RlaifError
 from rlaif.store import CallCache, cache_key
 
 log = logging.getLogger(__name__)
@@ -109,7 +109,19 @@ class ModelCaller:
     @property
     def backend(self) -> Backend:
         if self._backend is None:
-            self._backend = self._factory()
+            # A backend that cannot start (bad options, missing package) is one problem for
+            # the whole run, not an error for each request that happened to load it.
+            try:
+                self._backend = self._factory()
+            except RlaifError:
+                raise
+            except Exception as exc:
+                msg = " ".join(str(exc).split())[:300]
+                raise ModelError(
+                    f"cannot start the backend for model '{self.model}': "
+                    f"{type(exc).__name__}: {msg}",
+                    field="model",
+                ) from exc
         return self._backend
 
     @property
@@ -197,6 +209,7 @@ class ModelCaller:
             idxs.sort(key=lambda i: -sum(len(m["content"]) for m in requests[i].messages))
             for start in range(0, len(idxs), self.batch_size):
                 chunk = idxs[start : start + self.batch_size]
+                self.backend  # noqa: B018 - start it outside the isolation below
                 out = self._isolated(call, [requests[i] for i in chunk], fail)
                 self.cache.put_many(
                     {keys[i]: encode(r) for i, r in zip(chunk, out, strict=True) if r.ok}
@@ -236,9 +249,19 @@ class ModelCaller:
 
     def _backend_score(self, reqs: list[ScoreRequest]) -> list[ScoreResult]:
         outs = self.backend.score_choices([r.messages for r in reqs], list(reqs[0].choices))
+        results = []
         for s in outs:
             self.stats.prompt_tokens += s.prompt_tokens
-        return [ScoreResult(s) for s in outs]
+            problem = _score_problem(s)
+            if problem is not None:
+                # Failed, not cached: the cache stores -inf as null, so a NaN written there
+                # would come back as -inf (a confident verdict) on resume.
+                self.stats.errors += 1
+                log.warning("score request failed and was recorded as an error: %s", problem)
+                results.append(ScoreResult(error=problem))
+            else:
+                results.append(ScoreResult(s))
+        return results
 
     def describe(self) -> dict[str, Any]:
         if self._backend is not None:
@@ -249,6 +272,18 @@ class ModelCaller:
         if self._backend is not None:
             self._backend.close()
             self._backend = None
+
+
+def _score_problem(scores: ChoiceScores) -> str | None:
+    """Why the backend's scores are unusable (NaN, +inf, not a number), or None."""
+    for choice, value in scores.logprobs.items():
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            return f"BackendError: log-probability of {choice!r} is {type(value).__name__}"
+        if number != number or number == float("inf"):
+            return f"BackendError: backend returned log-probability {number!r} for {choice!r}"
+    return None
 
 
 def _finite(logprobs: dict[str, float]) -> dict[str, float | None]:

@@ -20,7 +20,7 @@ import yaml
 
 from rlaif.backends.base import SamplingParams
 from rlaif.errors import ConfigError
-from rlaif.yamlio import LineDict, load_yaml
+from rlaif.yamlio import LineDict, load_yaml, short_repr
 
 
 @dataclass
@@ -281,7 +281,7 @@ def _convert(tp: Any, value: Any, where: tuple[str, int | None], name: str) -> A
             return tp()
         return _build(tp, value, f, f"{name}.")
     bad = ConfigError(
-        f"must be {_type_name(tp)}, got {type(value).__name__} {value!r}"[:200],
+        f"must be {_type_name(tp)}, got {type(value).__name__} {short_repr(value)}"[:200],
         file=f,
         line=line,
         field=name,

@@ -20,6 +20,9 @@ from rlaif.errors import DataError
 from rlaif.store.hashing import content_hash
 
 _HH_TURN = re.compile(r"\n\n(Human|Assistant): ?")
+# A lone UTF-16 surrogate (JSON's "\\ud800") decodes to a str no file or tokenizer can encode;
+# such a prompt would fail only when its record is written, so it is refused here.
+_SURROGATE = re.compile("[\ud800-\udfff]")
 _MAX_LINE = 16 * 1024 * 1024  # a JSONL row larger than this is refused, not loaded
 
 
@@ -71,11 +74,20 @@ def to_conversation(value: Any, where: dict[str, Any]) -> tuple[tuple[str, str],
         )
     if not turns or turns[-1][0] != "user" or not turns[-1][1].strip():
         raise DataError("prompt is empty or has no user turn", **where)
+    if any(_SURROGATE.search(c) for _, c in turns):
+        raise DataError("prompt is not valid Unicode (a lone surrogate such as \\ud800)", **where)
     return tuple(turns)
 
 
+def _open(path: Path, **kwargs: Any) -> Any:
+    try:
+        return path.open(**kwargs)
+    except OSError as exc:
+        raise DataError(f"cannot read: {exc.strerror or exc}", file=path) from None
+
+
 def _rows_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
-    with path.open("rb") as fh:
+    with _open(path, mode="rb") as fh:
         for n, raw in enumerate(fh, start=1):
             if len(raw) > _MAX_LINE:
                 raise DataError(f"line longer than {_MAX_LINE} bytes", file=path, line=n)
@@ -86,21 +98,29 @@ def _rows_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
             if not text.strip():
                 continue
             try:
-                yield n, json.loads(text)
+                value = json.loads(text)
             except json.JSONDecodeError as exc:
                 raise DataError(f"invalid JSON: {exc.msg}", file=path, line=n) from None
+            except ValueError as exc:  # e.g. an integer past Python's 4300-digit limit
+                msg = str(exc).split(":")[0]
+                raise DataError(f"invalid JSON: {msg}", file=path, line=n) from None
+            except RecursionError:
+                raise DataError("invalid JSON: nesting too deep", file=path, line=n) from None
+            yield n, value
 
 
 def _rows_csv(path: Path) -> Iterator[tuple[int, Any]]:
+    reader = None
     try:
-        with path.open(encoding="utf-8", newline="") as fh:
+        with _open(path, encoding="utf-8", newline="") as fh:
             reader = csv.DictReader(fh)
             for row in reader:
                 yield reader.line_num, row
     except UnicodeDecodeError:
         raise DataError("file is not valid UTF-8", file=path) from None
     except csv.Error as exc:
-        raise DataError(f"invalid CSV: {exc}", file=path) from None
+        line = reader.line_num if reader is not None and reader.line_num else None
+        raise DataError(f"invalid CSV: {exc}", file=path, line=line) from None
 
 
 def _rows_table(path: Path, fmt: str, split: str | None) -> Iterator[tuple[int, Any]]:
@@ -125,11 +145,13 @@ def _rows_table(path: Path, fmt: str, split: str | None) -> Iterator[tuple[int, 
                     )
                 ds = ds[split]
             rows = iter(ds)
+        # Rows of a save_to_disk folder are read lazily, so a damaged shard fails here.
+        yield from enumerate(rows, start=1)
     except DataError:
         raise
     except Exception as exc:  # pyarrow / datasets raise many types for a bad file
-        raise DataError(f"cannot read {fmt} data: {str(exc).splitlines()[0]}", file=path) from None
-    yield from enumerate(rows, start=1)
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise DataError(f"cannot read {fmt} data: {first}", file=path) from None
 
 
 def detect_format(path: Path) -> str:
