@@ -173,7 +173,9 @@ def test_python_tags_are_refused_in_every_yaml_file(tmp_path):
     with pytest.raises(ConfigError, match=r"parent\.yaml:3: invalid YAML"):
         load_constitution(tmp_path / "child.yaml")
     (tmp_path / "pipe.yaml").write_text(bad["pipeline"])
-    with pytest.raises(ConfigError, match=r"pipe\.yaml:15: invalid YAML: could not determine a constructor for the tag"):
+    with pytest.raises(
+        ConfigError, match=r"pipe\.yaml:15: invalid YAML: could not determine a constructor"
+    ):
         load_pipeline(tmp_path / "pipe.yaml")
     # A tag in --set is not YAML that builds an object: the value is kept as plain text.
     (tmp_path / "ok.yaml").write_text(PIPE.format(constitution="helpful-harmless"))
