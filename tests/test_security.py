@@ -379,4 +379,14 @@ def test_secrets_in_the_environment_never_reach_files_or_logs(tmp_path, monkeypa
     for name, value in SECRETS.items():
         for where, blob in blobs.items():
             assert value.encode() not in blob, f"{name} found in {where}"
-            assert value[8:].encode() not in blob, f"part of {name} found in {where}"
+            assert value[8:].encode() not in blob, f"the tail of {name} found in {where}"
+
+
+def test_secret_named_backend_options_are_not_written_to_disk(tmp_path):
+    pipe = write_run(tmp_path, ["hi"])
+    run = tmp_path / "run"
+    secret = SECRETS["OPENAI_API_KEY"]
+    main(
+        ["run", str(pipe), "--out", str(run), "--quiet", "--set", f"model.options.api_key={secret}"]
+    )
+    assert secret.encode() not in all_bytes(run)

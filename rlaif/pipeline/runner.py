@@ -104,6 +104,8 @@ def run_pipeline(
         retry_errors: redo requests that failed in an earlier run.
         stream: where progress goes (default stderr).
     """
+    from rlaif.export.card import scrub
+
     t0 = time.perf_counter()
     run_dir = Path(out or cfg.output)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -147,7 +149,7 @@ def run_pipeline(
         base.info.update(
             {
                 "pipeline": cfg.name,
-                "config": cfg.to_dict(),
+                "config": scrub(cfg.to_dict()),  # no api_key-style option reaches the disk
                 "provenance": run.provenance(),
                 "prompts": {
                     "read": len(items) + len(dropped),
