@@ -9,14 +9,15 @@ child process. Two backends:
 * ``transformers``: the tiny random Llama from ``rlaif.testing.build_tiny_model`` (built
   once in the work folder), loaded by the child from the pipeline's model section.
 
-Method: one uninterrupted reference run is timed phase by phase (respond, critique, revise,
-sample, export-sft, judge, export-prefs; the child logs when each begins). Kill ``k`` targets
-phase ``k mod 7`` and a seeded random fraction of that phase's measured duration: the parent
-waits until the child announces the phase, sleeps that long, and sends SIGKILL. The same run
-directory is then resumed to completion and compared with the reference: stage records lost
-(ids in the reference that are missing), duplicated (lines whose id appears twice),
-changed (same id, other content), and every file under ``export/`` byte for byte. The manifest
-is compared without its timestamps and per-run call counts.
+Method: after a warm-up run, one uninterrupted reference run is timed phase by phase
+(respond, critique, revise, sample, export-sft, judge, export-prefs; the child logs when each
+begins). Kill ``k`` targets phase ``k mod 7`` and a seeded random fraction of that phase's
+measured duration: the parent waits until the child announces the phase, sleeps that long, and
+sends SIGKILL (a trial whose run had already finished is redone with half the offset). The
+same run directory is then resumed to completion and compared with the reference: stage
+records lost (ids in the reference that are missing), duplicated (lines whose id appears
+twice), changed (same id, other content), and every file under ``export/`` byte for byte. The
+manifest is compared without its timestamps and per-run call counts.
 
 Usage::
 
