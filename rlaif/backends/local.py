@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from rlaif.backends.base import Backend, Conversation
+from rlaif.errors import BackendError
 
 
 def prompt_ids(tokenizer: Any, conversation: Conversation) -> list[int]:
@@ -28,6 +29,24 @@ class LocalModelBackend(Backend):
     dtype: Any = None
     device: Any = None
     _max_context: int | None = None
+
+    def _prompts(self, conversations: list[Conversation], reserve: int) -> list[list[int]]:
+        """Tokenized prompts; raise for the first one that leaves fewer than ``reserve`` tokens
+        of context (the caller isolates that request)."""
+        out = []
+        for i, conversation in enumerate(conversations):
+            try:
+                ids = prompt_ids(self.tokenizer, conversation)
+            except Exception as exc:  # a template error is the request's fault
+                msg = " ".join(str(exc).split())[:160]
+                raise BackendError(f"request {i}: chat template failed: {msg}") from exc
+            if self._max_context is not None and len(ids) + reserve > self._max_context:
+                raise BackendError(
+                    f"request {i}: prompt has {len(ids)} tokens, which with {reserve} more "
+                    f"exceeds the model context of {self._max_context}"
+                )
+            out.append(ids)
+        return out
 
     def count_tokens(self, conversation: Conversation) -> int:
         """Prompt length in tokens after the chat template (generation prompt included)."""

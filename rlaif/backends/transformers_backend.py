@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from rlaif.backends.base import ChoiceScores, Completion, Conversation, SamplingParams
-from rlaif.backends.local import LocalModelBackend, choice_ids, prompt_ids
+from rlaif.backends.local import LocalModelBackend, choice_ids
 from rlaif.backends.resolve import DEFAULT_MODEL, resolve_model
 from rlaif.errors import BackendError, ModelError
 
@@ -235,23 +235,6 @@ class TransformersBackend(LocalModelBackend):
         if self.model is None:
             raise BackendError("the transformers backend is closed")
         return self.model
-
-    def _prompts(self, conversations: list[Conversation], reserve: int) -> list[list[int]]:
-        """Tokenized prompts; raise for the first one that doesn't fit with ``reserve``."""
-        out = []
-        for i, conversation in enumerate(conversations):
-            try:
-                ids = prompt_ids(self.tokenizer, conversation)
-            except Exception as exc:
-                msg = " ".join(str(exc).split())[:160]
-                raise BackendError(f"request {i}: chat template failed: {msg}") from exc
-            if self._max_context is not None and len(ids) + reserve > self._max_context:
-                raise BackendError(
-                    f"request {i}: prompt has {len(ids)} tokens, which with {reserve} more "
-                    f"exceeds the model context of {self._max_context}"
-                )
-            out.append(ids)
-        return out
 
     def _stopped(self, tokens: list[int], stop: tuple[str, ...], window: int) -> bool:
         # A stop string of k characters spans at most k (+ partial-UTF-8) tokens.

@@ -42,7 +42,7 @@ from dataclasses import replace
 from typing import Any
 
 from rlaif.backends.base import ChoiceScores, Completion, Conversation, SamplingParams
-from rlaif.backends.local import LocalModelBackend, choice_ids, prompt_ids
+from rlaif.backends.local import LocalModelBackend, choice_ids
 from rlaif.backends.resolve import DEFAULT_MODEL, resolve_model
 from rlaif.errors import BackendError, ModelError
 
@@ -197,24 +197,6 @@ class VLLMBackend(LocalModelBackend):
         if self._llm is None:
             raise BackendError("the vllm backend is closed")
         return self._llm
-
-    def _prompts(self, conversations: list[Conversation], reserve: int) -> list[list[int]]:
-        """Tokenized prompts; raise for the first one that leaves fewer than ``reserve``."""
-        out = []
-        for i, conversation in enumerate(conversations):
-            try:
-                ids = prompt_ids(self.tokenizer, conversation)
-            except Exception as exc:  # a template error is the request's fault
-                raise BackendError(
-                    f"request {i}: chat template failed: {_one_line(exc, 160)}"
-                ) from exc
-            if len(ids) + reserve > self._max_context:
-                raise BackendError(
-                    f"request {i}: prompt has {len(ids)} tokens, which with {reserve} more "
-                    f"exceeds the model context of {self._max_context}"
-                )
-            out.append(ids)
-        return out
 
     def _run(self, prompts: list[list[int]], params: list[Any]) -> list[Any]:
         """One batched ``LLM.generate`` over token-id prompts, outputs in input order."""

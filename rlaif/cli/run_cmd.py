@@ -53,7 +53,11 @@ def run_command(args: argparse.Namespace) -> int:
     stats = result.stats
     print(f"\nrun dir: {result.run_dir}")
     for name, s in m.stages.items():
-        reasons = "; ".join(f"{r}: {n}" for r, n in s.reasons.items())
+        reasons = "; ".join(
+            f"{status} {reason}: {slot['count']}"
+            for status, by_reason in s.reasons.items()
+            for reason, slot in by_reason.items()
+        )
         print(
             f"  {name:<16} ok {s.ok:>5}  error {s.error:>4}  skipped {s.skipped:>4}"
             + (f"  ({reasons})" if reasons else "")
