@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     constitution_cmd.register(sub)
     demo_cmd.register(sub)
-    for optional in ("run_cmd", "judge_cmd", "train_cmd", "eval_cmd"):
+    for optional in ("run_cmd", "judge_cmd", "train_cmd", "eval_cmd", "report_cmd"):
         try:
             module = __import__(f"rlaif.cli.{optional}", fromlist=["register"])
         except ImportError:  # a command whose module is not part of this build
