@@ -8,7 +8,7 @@ PIP := $(PY) -m pip --disable-pip-version-check -q
 CONSTRAINTS := -c constraints.txt
 STAMP := $(VENV)/.rlaif-installed
 
-.PHONY: demo test install install-dev lint format clean
+.PHONY: demo test install install-dev browser lint format clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -30,7 +30,14 @@ install install-dev: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/rlaif demo
 
-test: $(STAMP)
+# The report test opens pages in a real headless Chromium, from the distribution's packages.
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then APT="apt-get"; else APT="sudo -n apt-get"; fi; \
+	  echo "installing chromium (Debian package) for the report browser test"; \
+	  $$APT update -qq && DEBIAN_FRONTEND=noninteractive $$APT install -y -qq chromium >/dev/null; }
+
+test: $(STAMP) browser
 	$(PY) -m pytest -q
 
 lint: $(STAMP)

@@ -165,6 +165,11 @@ class TransformersBackend(LocalModelBackend):
             keeps greedy output independent of batch size), or ``"float32"`` /
             ``"bfloat16"`` / ``"float16"``.
         batch_size: rows (conversation x completion) decoded together.
+        score_batch_size: prompts per forward pass in :meth:`score_choices`. The default 1
+            makes judge log-probs independent of how requests were batched (a float32 forward
+            over a batch of another shape rounds 1-2 ulp differently), so preference margins
+            are byte-identical across batch sizes and after a resume. Larger values are faster
+            on some machines and give scores that differ in their last digits.
         trust_remote_code: allow models with their own Python code.
         revision: hub branch, tag or commit.
         num_threads: torch CPU threads (process-wide); None picks :func:`cpu_threads` when
@@ -180,6 +185,7 @@ class TransformersBackend(LocalModelBackend):
         device: str = "auto",
         dtype: str | torch.dtype = "auto",
         batch_size: int = 16,
+        score_batch_size: int = 1,
         trust_remote_code: bool = False,
         revision: str | None = None,
         num_threads: int | None = None,
@@ -188,12 +194,15 @@ class TransformersBackend(LocalModelBackend):
 
         if batch_size < 1:
             raise ModelError("batch_size must be >= 1", field="batch_size")
+        if score_batch_size < 1:
+            raise ModelError("score_batch_size must be >= 1", field="score_batch_size")
         self.resolved = resolve_model(model, revision=revision, trust_remote_code=trust_remote_code)
         self.model_id = model
         self.model_revision = self.resolved.revision
         self.device = _pick_device(device)
         self.dtype = _pick_dtype(dtype, self.device)
         self.batch_size = batch_size
+        self.score_batch_size = score_batch_size
         if num_threads or self.device.type == "cpu":
             torch.set_num_threads(num_threads or cpu_threads())
         path = self.resolved.path
@@ -362,7 +371,8 @@ class TransformersBackend(LocalModelBackend):
         """Log-probability of each choice string as the start of the assistant's reply.
 
         Single-token choices (the judge's "A" / "B") cost one forward pass over the prompts;
-        longer choices one forward over prompt + choice per (conversation, choice).
+        longer choices one forward over prompt + choice per (conversation, choice). Forwards
+        take ``score_batch_size`` rows (default 1: batch-shape independent scores).
 
         Raises:
             BackendError: no choices, an empty choice, or a prompt that doesn't fit.
@@ -382,8 +392,8 @@ class TransformersBackend(LocalModelBackend):
         with torch.inference_mode():
             if longest == 1:
                 vocab_ids = torch.tensor([cids[c][0] for c in cids], device=self.device)
-                for start in range(0, len(order), self.batch_size):
-                    chunk = order[start : start + self.batch_size]
+                for start in range(0, len(order), self.score_batch_size):
+                    chunk = order[start : start + self.score_batch_size]
                     ids, mask, pos = _left_pad(
                         [prompts[i] for i in chunk], self.pad_id, self.device
                     )
@@ -396,8 +406,8 @@ class TransformersBackend(LocalModelBackend):
                         scores[i] = dict(zip(cids, values, strict=True))
             else:
                 pairs = [(i, c) for i in order for c in cids]
-                for start in range(0, len(pairs), self.batch_size):
-                    chunk = pairs[start : start + self.batch_size]
+                for start in range(0, len(pairs), self.score_batch_size):
+                    chunk = pairs[start : start + self.score_batch_size]
                     seqs = [prompts[i] + cids[c] for i, c in chunk]
                     ids, mask, pos = _left_pad(seqs, self.pad_id, self.device)
                     # Rows end together (left padding), so the logits that predict each
