@@ -1,13 +1,24 @@
-"""``rlaif run PIPELINE [--set key=value ...] [--out DIR]``."""
+"""``rlaif run PIPELINE [--set key=value ...] [--out DIR] [--dry-run]``.
+
+Exit status: 0 done; 2 a user error (one ``rlaif: error:`` line); 3 a budget cap of the
+pipeline (``budget:``) stopped the run before a call that could exceed it (one
+``rlaif: stopped:`` line; finished work is kept and the same command with a higher cap
+resumes it).
+"""
 
 from __future__ import annotations
 
 import argparse
+import sys
 import textwrap
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rlaif.errors import ConfigError
 from rlaif.resources import resource_dir
+
+if TYPE_CHECKING:
+    from rlaif.pipeline.estimate import Estimate
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -30,6 +41,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--retry-errors", action="store_true", help="redo requests that failed in an earlier run"
     )
     p.add_argument("--quiet", action="store_true", help="print only where the results are")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the model calls and tokens (and cost, with prices) each step still needs; "
+        "loads no model and writes nothing",
+    )
     p.set_defaults(func=run_command)
 
 
@@ -46,9 +63,19 @@ def find_pipeline(ref: str) -> Path:
 
 def run_command(args: argparse.Namespace) -> int:
     from rlaif.pipeline import load_pipeline, run_pipeline
+    from rlaif.pipeline.budget import EXIT_BUDGET, BudgetExceeded
 
     cfg = load_pipeline(find_pipeline(args.pipeline), args.overrides)
-    result = run_pipeline(cfg, out=args.out, retry_errors=args.retry_errors)
+    if args.dry_run:
+        from rlaif.pipeline.estimate import estimate_pipeline
+
+        print(format_estimate(estimate_pipeline(cfg, out=args.out, retry_errors=args.retry_errors)))
+        return 0
+    try:
+        result = run_pipeline(cfg, out=args.out, retry_errors=args.retry_errors)
+    except BudgetExceeded as exc:
+        print(f"rlaif: stopped: {exc}", file=sys.stderr)
+        return EXIT_BUDGET
     m = result.manifest
     stats = result.stats
     print(f"\nrun dir: {result.run_dir}")
@@ -85,3 +112,89 @@ def _show_rows(pairs: list[dict], n: int) -> None:
         print(textwrap.shorten(f"CHOSEN (revised):   {row['chosen'][0]['content']}", 400))
     if pairs[:n]:
         print("-" * 78)
+
+
+def format_estimate(est: Estimate) -> str:
+    """The ``--dry-run`` report: one row per step, totals, notes and the budget."""
+    state = "has earlier work, not counted again" if est.started else "not started"
+    lines = [
+        f"dry run of pipeline '{est.pipeline}': {est.prompts} prompts, run dir {est.run_dir} "
+        f"({state}); no model was loaded and nothing was written",
+        *(f"tokens of {model}: {how}" for model, how in est.counting.items()),
+        "",
+    ]
+    priced = est.budget.priced
+    head = ["step", "model", "calls", "done", "prompt tokens", "max completion tokens"]
+    rows = []
+    for s in est.stages:
+        model = s.model.rstrip("/").rsplit("/", 1)[-1]
+        row = [s.name, model[:28], f"{s.calls:,}", f"{s.done:,}"]
+        row += [("≤ " if s.bounded else "") + f"{s.prompt_tokens:,}", f"{s.completion_tokens:,}"]
+        rows.append(row + ([f"≤ ${s.usage.cost(est.budget):,.4f}"] if priced else []))
+    total = est.total
+    bounded = any(s.bounded for s in est.stages)
+    rows.append(
+        ["total", "", f"{total.calls:,}", f"{est.done:,}"]
+        + [("≤ " if bounded else "") + f"{total.prompt_tokens:,}", f"{total.completion_tokens:,}"]
+        + ([f"≤ ${total.cost(est.budget):,.4f}"] if priced else [])
+    )
+    if priced:
+        head.append("max cost (USD)")
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    for r in [head, *rows]:
+        cells = [
+            c.ljust(w) if i < 2 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(r, widths, strict=True))
+        ]
+        lines.append("  ".join(cells).rstrip())
+    lines.append("")
+    if bounded:
+        lines.append(
+            "≤ an upper bound: these prompts hold model outputs not made yet, counted at their "
+            "max_new_tokens; the other counts are exact."
+        )
+    lines.append(
+        "calls: requests still to send, if every request succeeds; done: answered already "
+        "(free on resume); max completion tokens: max_new_tokens x n per call."
+    )
+    if est.not_counted:
+        lines.append(
+            f"not counted: {', '.join(est.not_counted)} (after the data stages; no budget cap)"
+        )
+    lines += _budget_lines(est)
+    return "\n".join(lines)
+
+
+def _budget_lines(est: Estimate) -> list[str]:
+    b = est.budget
+    if not b.active:
+        spent = [f"spent so far in this run dir: {est.spent.describe(b)}"] if est.started else []
+        return [
+            *spent,
+            "budget: none (add budget: {max_calls, max_tokens, max_cost_usd, prices} to cap)",
+        ]
+    after = est.spent + est.total  # the worst case for the run dir once this run is done
+    caps, over = [], []
+    for name, limit, value, money in (
+        ("max_calls", b.max_calls, after.calls, False),
+        ("max_tokens", b.max_tokens, after.tokens, False),
+        ("max_cost_usd", b.max_cost_usd, after.cost(b), True),
+    ):
+        if limit is None:
+            continue
+        shown = f"${limit:g}" if money else f"{limit:,}"
+        caps.append(f"{name} {shown}")
+        if value > limit:
+            over.append(f"budget.{name} ({f'${value:.4f}' if money else f'{value:,}'} > {shown})")
+    if not est.total.calls:
+        verdict = "nothing left to call"
+    elif over:
+        verdict = "it may stop early: the worst case would pass " + ", ".join(over)
+    else:
+        verdict = "the worst case fits every cap"
+    return [
+        f"budget (for the whole run dir): {', '.join(caps)}",
+        f"  spent so far: {est.spent.describe(b)}",
+        f"  this run at most: {est.total.describe(b)}",
+        f"  {verdict}",
+    ]

@@ -5,6 +5,11 @@ sorted by prompt length, and isolates a bad request: when a batch raises, it is 
 halves until the failing request stands alone, which is returned as an error while the rest
 go on. A :class:`~rlaif.errors.ModelError` (the backend itself is gone) is never isolated:
 it stops the run, and a resume continues from the last saved batch.
+
+With a :class:`~rlaif.pipeline.budget.Budget` attached, a batch is sent in parts whose
+worst-case usage still fits the caps, each saved and charged at its real usage; when not even
+the next request fits, :class:`~rlaif.pipeline.budget.BudgetExceeded` stops the run the same
+way, before that request is sent.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from typing import Any
 
 from rlaif.backends.base import Backend, ChoiceScores, Completion, Conversation, SamplingParams
 from rlaif.errors import BackendError, ModelError, RlaifError
+from rlaif.pipeline.budget import Budget, Usage, usage_of_completions
 from rlaif.store import CallCache, cache_key
 
 log = logging.getLogger(__name__)
@@ -78,6 +84,32 @@ class CallStats:
         return dict(self.__dict__)
 
 
+def request_key(model: str, revision: str | None, req: GenRequest | ScoreRequest) -> str:
+    """The call-cache key of a request to ``model`` at ``revision``."""
+    if isinstance(req, ScoreRequest):
+        kind, params = "score_choices", {"choices": list(req.choices)}
+    else:
+        kind, params = "generate", req.params.to_dict()
+    return cache_key(
+        model=model,
+        revision=revision,
+        messages=req.messages,
+        params=params,
+        template_hash=req.template_hash,
+        kind=kind,
+    )
+
+
+def max_completion_tokens(req: GenRequest | ScoreRequest) -> int:
+    """The most completion tokens a request can use (scoring generates none)."""
+    return req.params.max_new_tokens * req.params.n if isinstance(req, GenRequest) else 0
+
+
+def prompt_copies(req: GenRequest | ScoreRequest) -> int:
+    """How many times the prompt is processed (and reported): once per completion."""
+    return req.params.n if isinstance(req, GenRequest) else 1
+
+
 class ModelCaller:
     """Cached, batched, failure-isolating access to a backend.
 
@@ -87,6 +119,8 @@ class ModelCaller:
         model: model id for cache keys; revision: its revision (resolved without loading).
         cache: the run's call cache.
         batch_size: requests per backend call.
+        budget: caps on the run's usage, shared by all callers of the run (the runner may also
+            set the ``budget`` attribute after construction).
     """
 
     def __init__(
@@ -97,6 +131,7 @@ class ModelCaller:
         revision: str | None,
         cache: CallCache,
         batch_size: int = 16,
+        budget: Budget | None = None,
     ) -> None:
         self._factory = backend_factory
         self._backend: Backend | None = None
@@ -105,6 +140,7 @@ class ModelCaller:
         self.cache = cache
         self.batch_size = batch_size
         self.stats = CallStats()
+        self.budget = budget
 
     @property
     def backend(self) -> Backend:
@@ -129,18 +165,7 @@ class ModelCaller:
         return self._backend is not None
 
     def key(self, req: GenRequest | ScoreRequest) -> str:
-        if isinstance(req, ScoreRequest):
-            kind, params = "score_choices", {"choices": list(req.choices)}
-        else:
-            kind, params = "generate", req.params.to_dict()
-        return cache_key(
-            model=self.model,
-            revision=self.revision,
-            messages=req.messages,
-            params=params,
-            template_hash=req.template_hash,
-            kind=kind,
-        )
+        return request_key(self.model, self.revision, req)
 
     def generate(
         self,
@@ -208,17 +233,53 @@ class ModelCaller:
         for idxs in groups.values():
             idxs.sort(key=lambda i: -sum(len(m["content"]) for m in requests[i].messages))
             for start in range(0, len(idxs), self.batch_size):
-                chunk = idxs[start : start + self.batch_size]
-                self.backend  # noqa: B018 - start it outside the isolation below
-                out = self._isolated(call, [requests[i] for i in chunk], fail)
-                self.cache.put_many(
-                    {keys[i]: encode(r) for i, r in zip(chunk, out, strict=True) if r.ok}
-                )
-                for i, r in zip(chunk, out, strict=True):
-                    results[i] = r
-                if on_batch is not None:
-                    on_batch(chunk, out)
+                rest = idxs[start : start + self.batch_size]
+                while rest:  # more than one pass only when the budget cuts the batch
+                    chunk = self._admitted(requests, rest)
+                    out = self._isolated(call, [requests[i] for i in chunk], fail)
+                    self.cache.put_many(
+                        {keys[i]: encode(r) for i, r in zip(chunk, out, strict=True) if r.ok}
+                    )
+                    if self.budget is not None:  # after the cache: its ledger says how far
+                        self.budget.charge(sum((_usage(r) for r in out if r.ok), Usage()))
+                    for i, r in zip(chunk, out, strict=True):
+                        results[i] = r
+                    if on_batch is not None:
+                        on_batch(chunk, out)
+                    rest = rest[len(chunk) :]
         return results
+
+    def _admitted(self, requests: Sequence, idxs: list[int]) -> list[int]:
+        """The leading requests of a batch to send now, with the backend started; raises
+        :class:`~rlaif.pipeline.budget.BudgetExceeded` when not even the first one fits."""
+        if self.budget is not None and not self.budget.admit(
+            [(0, max_completion_tokens(requests[idxs[0]]))]
+        ):  # checked before the backend starts: no model is loaded just to stop
+            raise self.budget.exceeded()
+        self.backend  # noqa: B018 - start it outside the failure isolation
+        if self.budget is None:
+            return idxs
+        # Each request at its worst case; what is answered is charged at its real usage
+        # before the rest of the batch is tried again, so the run goes on while calls fit.
+        n = self._admit([requests[i] for i in idxs])
+        if n == 0:
+            raise self.budget.exceeded()
+        return idxs[:n]
+
+    def _admit(self, reqs: list) -> int:
+        """How many of ``reqs`` (in order) the budget admits at their worst case."""
+        assert self.budget is not None
+        count = self._prompt_tokens if self.budget.counts_tokens else (lambda _: 0)
+        return self.budget.admit(
+            [(count(r.messages) * prompt_copies(r), max_completion_tokens(r)) for r in reqs]
+        )
+
+    def _prompt_tokens(self, messages: Conversation) -> int:
+        try:
+            return self.backend.count_tokens(messages)
+        except Exception:  # the backend will reject this request by itself
+            # a rough length keeps the admission honest until the backend reports the error
+            return sum(len(m.get("content", "")) for m in messages) // 4
 
     def _isolated(self, call, reqs: list, fail) -> list:
         try:
@@ -272,6 +333,13 @@ class ModelCaller:
         if self._backend is not None:
             self._backend.close()
             self._backend = None
+
+
+def _usage(result: GenResult | ScoreResult) -> Usage:
+    """What one answered request cost (see :mod:`rlaif.pipeline.budget`)."""
+    if isinstance(result, GenResult):
+        return usage_of_completions(result.completions)
+    return Usage(1, result.scores.prompt_tokens if result.scores is not None else 0)
 
 
 def _score_problem(scores: ChoiceScores) -> str | None:

@@ -20,7 +20,7 @@ import yaml
 
 from rlaif.backends.base import SamplingParams
 from rlaif.errors import ConfigError
-from rlaif.yamlio import LineDict, load_yaml, short_repr
+from rlaif.yamlio import LineDict, LineList, load_yaml, short_repr
 
 
 @dataclass
@@ -128,12 +128,126 @@ class ExportConfig:
             raise ConfigError(f"invalid value: {exc}") from None
 
 
+TRAINERS = ("reward", "dpo", "ppo", "grpo", "rloo")
+POLICY_TRAINERS = ("dpo", "ppo", "grpo", "rloo")  # produce a policy; reward produces a scorer
+_STEP_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # becomes a folder name
+
+
+@dataclass
+class TrainStepConfig:
+    """One training step after the data stages; see :mod:`rlaif.pipeline.post`.
+
+    Attributes:
+        name: the step's folder under ``RUN_DIR/train/``; unique within the pipeline.
+        trainer: reward | dpo | ppo | grpo | rloo.
+        config: a training YAML (``configs/train/*.yaml``), relative to the pipeline file;
+            None starts from the recipe's defaults.
+        data: reward / dpo: ``auto`` (the judged preferences when ``stages.judge`` runs, else
+            the CAI-SL pairs), ``preferences`` or ``pairs``.
+        set: overrides of the training config (``{max_steps: 20, lora: {r: 4}}``), applied
+            after the pipeline's wiring of model, data, reward model and output.
+    """
+
+    name: str = ""
+    trainer: str = ""
+    config: str | None = None
+    data: str = "auto"
+    set: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class EvalStageConfig:
+    """The last trained policy against the pipeline's model; see :mod:`rlaif.pipeline.post`.
+
+    Attributes:
+        red_team: harmful prompts (judged harmlessness, refusal rate), relative to the
+            pipeline file.
+        safe: safe prompts that look unsafe (XSTest-style over-refusal).
+        prompts: general held-out prompts (win rate only).
+        field: the prompt column of those files.
+        limit: first N prompts of each file.
+        max_new_tokens: greedy generation budget per response.
+        judge: the judge model; default: ``stages.judge.model``, else the pipeline's model.
+        reward_model: also score responses with the last ``reward`` step's model.
+        plots: write the PNG plots next to ``eval.json``.
+    """
+
+    red_team: str | None = None
+    safe: str | None = None
+    prompts: str | None = None
+    field: str = "prompt"
+    limit: int | None = None
+    max_new_tokens: int = 128
+    judge: ModelConfig | None = None
+    reward_model: bool = True
+    plots: bool = True
+
+
 @dataclass
 class StagesConfig:
     critique_revise: CritiqueReviseConfig | None = None
     sample: GenerationConfig | None = None  # RL-CAI: n responses per prompt from the policy
     judge: JudgeStageConfig | None = None
     export: ExportConfig = field(default_factory=ExportConfig)
+    train: list[TrainStepConfig] = field(default_factory=list)  # after export, in order
+    eval: EvalStageConfig | None = None  # after train: last policy vs the pipeline's model
+
+
+@dataclass
+class ExecutionConfig:
+    """Where model calls run: in this process, or on a pool of Ray workers (docs/scaling.md).
+
+    Records, cache keys and exports are the same in both modes; only speed changes.
+    """
+
+    mode: str = "local"  # local | ray
+    # ray: null = the cluster in RAY_ADDRESS or a new one on this machine; "auto" = a cluster
+    # started with `ray start`; "ray://host:10001" = a remote cluster through Ray Client
+    address: str | None = None
+    workers: int = 2  # ray: model replicas, each a Ray actor holding its own backend
+    batch_size: int | None = None  # ray: requests per worker per call (default: batch_size)
+    num_cpus_per_worker: float = 1.0
+    num_gpus_per_worker: float = 0.0  # vLLM with tensor parallelism: = tensor_parallel_size
+    start_timeout: float = 900.0  # seconds for every worker to be placed and load its model
+
+
+@dataclass
+class BudgetConfig:
+    """A cap on the model usage of a run dir, summed over every invocation of the run
+    (:mod:`rlaif.pipeline.budget`). A cap left null is off; cache hits cost nothing."""
+
+    max_calls: int | None = None  # model requests answered by a backend
+    max_tokens: int | None = None  # prompt + completion tokens
+    max_cost_usd: float | None = None  # needs at least one price below
+    price_per_1k_prompt_tokens: float = 0.0
+    price_per_1k_completion_tokens: float = 0.0
+
+    @property
+    def active(self) -> bool:
+        """Whether any cap is set."""
+        return any(v is not None for v in (self.max_calls, self.max_tokens, self.max_cost_usd))
+
+    @property
+    def priced(self) -> bool:
+        """Whether a price is configured (costs can be shown)."""
+        return bool(self.price_per_1k_prompt_tokens or self.price_per_1k_completion_tokens)
+
+    def problems(self) -> list[tuple[str, str]]:
+        """(field, message) for each bad value; empty when the budget is valid."""
+        out = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is not None and value < 0:
+                out.append((f.name, "must be 0 or more"))
+        if self.max_cost_usd is not None and not self.priced:
+            out.append(
+                (
+                    "max_cost_usd",
+                    "needs a price: set budget.price_per_1k_prompt_tokens and/or "
+                    "budget.price_per_1k_completion_tokens",
+                )
+            )
+        return out
 
 
 @dataclass
@@ -148,6 +262,8 @@ class PipelineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     prompts: PromptSourceConfig = field(default_factory=PromptSourceConfig)
     stages: StagesConfig = field(default_factory=StagesConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)  # caps on calls/tokens/$
+    execution: ExecutionConfig = field(default_factory=ExecutionConfig)
     # the pipeline file, for resolving relative paths; set by the loader, not by users
     path: str | None = field(default=None, metadata={"internal": True})
 
@@ -171,8 +287,9 @@ class PipelineConfig:
 
 
 _CHOICES = {
-    "model.backend": ("transformers", "vllm", "fake"),
+    "model.backend": ("transformers", "vllm", "openai", "fake"),
     "prompts.format": ("auto", "jsonl", "csv", "parquet", "disk"),
+    "execution.mode": ("local", "ray"),
 }
 
 
@@ -219,14 +336,21 @@ def _apply_override(raw: LineDict, item: str) -> None:
     parts = key.split(".")
     node: Any = raw
     for part in parts[:-1]:
+        if isinstance(node, list):  # stages.train.0.set.max_steps=3: index into a list
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"no item '{part}' in the list", file="--set", field=key)
+            node = node[int(part)]
+            continue
         child = node.get(part)
         if child is None:
             child = LineDict()
             child.line, child.key_lines = 0, {}
             node[part] = child
-        if not isinstance(child, dict):
+        if not isinstance(child, (dict, list)):
             raise ConfigError(f"'{part}' is not a section", file="--set", field=key)
         node = child
+    if not isinstance(node, dict):
+        raise ConfigError("set a field of a list item (e.g. train.0.name)", file="--set", field=key)
     node[parts[-1]] = value
     if isinstance(node, LineDict):
         node.key_lines[parts[-1]] = 0  # line 0 marks a command-line value
@@ -378,6 +502,18 @@ def _check(cfg: PipelineConfig, raw: LineDict, f: str) -> None:
             fail(f"'{value}' is not one of {', '.join(allowed)}", dotted)
     if cfg.batch_size < 1:
         fail("must be at least 1", "batch_size")
+    for key, problem in cfg.budget.problems():
+        fail(problem, f"budget.{key}")
+    ex = cfg.execution
+    if ex.workers < 1:
+        fail("must be at least 1", "execution.workers")
+    if ex.batch_size is not None and ex.batch_size < 1:
+        fail("must be at least 1", "execution.batch_size")
+    for key in ("num_cpus_per_worker", "num_gpus_per_worker"):
+        if getattr(ex, key) < 0:
+            fail("must be 0 or more", f"execution.{key}")
+    if ex.start_timeout <= 0:
+        fail("must be more than 0", "execution.start_timeout")
     if not 0 <= cfg.seed < 2**62:  # per-request seeds add offsets; torch takes < 2**64
         fail("must be between 0 and 2**62", "seed")
     if cfg.prompts.offset < 0:
@@ -440,3 +576,101 @@ def _check(cfg: PipelineConfig, raw: LineDict, f: str) -> None:
     for fmt in cfg.stages.export.formats:
         if fmt not in ("jsonl", "disk", "parquet"):
             fail(f"unknown export format '{fmt}' (jsonl, disk, parquet)", "stages.export.formats")
+    _check_post(cfg, raw, f)
+
+
+def _locate(raw: Any, dotted: str, f: str) -> tuple[str, int | None]:
+    """File and line of a dotted field whose parts may be list items (``train[0].name``)."""
+    node, line = raw, None
+    for part in re.split(r"\.|(?=\[)", dotted):
+        index = re.fullmatch(r"\[(\d+)\]", part)
+        if index and isinstance(node, LineList) and int(index[1]) < len(node):
+            line, node = node.line_of(int(index[1])), node[int(index[1])]
+        elif isinstance(node, LineDict) and part in node:
+            line, node = node.key_lines.get(part, node.line), node[part]
+        else:
+            break
+    return ("--set", None) if line == 0 else (f, line)
+
+
+def _check_post(cfg: PipelineConfig, raw: LineDict, f: str) -> None:
+    """Checks of ``stages.train`` and ``stages.eval``; each training config is built once
+    with placeholder paths, so a bad ``set`` key fails here, before any model call."""
+
+    def fail(msg: str, dotted: str) -> None:
+        file, line = _locate(raw, dotted, f)
+        raise ConfigError(msg, file=file, line=line, field=dotted)
+
+    steps, ev = cfg.stages.train, cfg.stages.eval
+    if (steps or ev) and cfg.model.backend not in ("transformers", "vllm"):
+        # the policy is trained from the pipeline's model: its weights must be local
+        fail(
+            f"training needs local weights (backend transformers or vllm), not "
+            f"'{cfg.model.backend}'",
+            "model.backend",
+        )
+    seen: set[str] = set()
+    reward_before = False
+    for i, step in enumerate(steps):
+        at = f"stages.train[{i}]"
+        if not step.name:
+            fail("missing: the step's name (its folder under train/)", f"{at}.name")
+        if not _STEP_NAME.fullmatch(step.name):
+            fail("use letters, digits, '.', '_' and '-' (at most 64)", f"{at}.name")
+        if step.name in seen:
+            fail(f"duplicate step name '{step.name}'", f"{at}.name")
+        seen.add(step.name)
+        if step.trainer not in TRAINERS:
+            fail(f"'{step.trainer}' is not one of {', '.join(TRAINERS)}", f"{at}.trainer")
+        if step.data not in ("auto", "preferences", "pairs"):
+            fail(f"'{step.data}' is not one of auto, preferences, pairs", f"{at}.data")
+        if step.trainer in ("reward", "dpo"):
+            judged = cfg.stages.judge is not None
+            pairs = cfg.stages.critique_revise is not None and cfg.stages.export.pairs
+            data = step.data if step.data != "auto" else ("preferences" if judged else "pairs")
+            if data == "preferences" and not judged:
+                fail("no judged preferences: add stages.judge", f"{at}.data")
+            if data == "pairs" and not pairs:
+                fail(
+                    "no CAI-SL pairs: add stages.critique_revise with export.pairs: true",
+                    f"{at}.data",
+                )
+        reward_set = step.set.get("reward")
+        judge_reward = isinstance(reward_set, dict) and reward_set.get("kind") == "judge"
+        if step.trainer in ("ppo", "grpo", "rloo") and not (reward_before or judge_reward):
+            fail(
+                f"{step.trainer} needs a reward model: add a 'reward' step before it",
+                f"{at}.trainer",
+            )
+        reward_before = reward_before or step.trainer == "reward"
+        if step.config is not None and not cfg.resolve_path(step.config).is_file():
+            fail(f"no such file: {cfg.resolve_path(step.config)}", f"{at}.config")
+        from rlaif.pipeline.post import step_config  # imports the recipe's config class only
+
+        try:
+            step_config(cfg, i, Path("RUN_DIR"))
+        except ConfigError as exc:
+            if exc.file != "--set":  # the step's own config file: its location is exact
+                raise
+            top = (exc.field or "").split(".")[0]
+            inner = f"{at}.set.{exc.field}" if top in step.set else at
+            file, line = _locate(raw, f"{at}.set.{top}" if top in step.set else at, f)
+            raise ConfigError(exc.message, file=file, line=line, field=inner) from None
+    if ev is None:
+        return
+    if not any(s.trainer in POLICY_TRAINERS for s in steps):
+        fail("no policy to evaluate: add a dpo, ppo, grpo or rloo step to stages.train",
+             "stages.eval")  # fmt: skip
+    if not (ev.red_team or ev.safe or ev.prompts):
+        fail("nothing to evaluate: set red_team, safe and/or prompts", "stages.eval")
+    for key in ("red_team", "safe", "prompts"):
+        value = getattr(ev, key)
+        if value and not cfg.resolve_path(value).is_file():
+            fail(f"no such file: {cfg.resolve_path(value)}", f"stages.eval.{key}")
+    if ev.limit is not None and ev.limit < 1:
+        fail("must be at least 1", "stages.eval.limit")
+    if ev.max_new_tokens < 1:
+        fail("must be at least 1", "stages.eval.max_new_tokens")
+    if ev.judge is not None and ev.judge.backend not in _CHOICES["model.backend"]:
+        allowed = ", ".join(_CHOICES["model.backend"])
+        fail(f"'{ev.judge.backend}' is not one of {allowed}", "stages.eval.judge.backend")

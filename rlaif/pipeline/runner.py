@@ -19,6 +19,7 @@ from typing import Any, TextIO
 from rlaif import __version__
 from rlaif.backends.base import Backend
 from rlaif.constitution import Constitution, load_constitution
+from rlaif.pipeline.budget import Budget
 from rlaif.pipeline.calls import ModelCaller
 from rlaif.pipeline.config import PipelineConfig
 from rlaif.pipeline.rl_cai import PairToJudge, judge_wave, sample_wave, select_pairs
@@ -41,6 +42,7 @@ class RunResult:
     exports: dict[str, Any] = field(default_factory=dict)
     stats: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
+    post: Any = None  # rlaif.pipeline.post.PostResult when stages.train / stages.eval ran
 
 
 @dataclass
@@ -121,18 +123,24 @@ def run_pipeline(
             limit=p.limit,
         )
         cache = CallCache(run_dir / "cache" / "calls.jsonl")
-        caller = make_caller(cfg.model, cfg.batch_size, cache, backend)
+        caller = make_caller(cfg.model, cfg.batch_size, cache, backend, execution=cfg.execution)
         judge_callers: list[ModelCaller] = []
         if cfg.stages.judge is not None:
             jm = cfg.stages.judge.model
             judge_callers.append(
-                make_caller(jm or cfg.model, cfg.batch_size, cache, judge_backend)
+                make_caller(
+                    jm or cfg.model, cfg.batch_size, cache, judge_backend, execution=cfg.execution
+                )
                 if jm or judge_backend
                 else caller
             )
             judge_callers += [
-                make_caller(m, cfg.batch_size, cache) for m in cfg.stages.judge.extra_models
+                make_caller(m, cfg.batch_size, cache, execution=cfg.execution)
+                for m in cfg.stages.judge.extra_models
             ]
+        budget = Budget.for_run(cfg.budget, cache.path)  # None without caps; covers all runs
+        for c in (caller, *judge_callers):
+            c.budget = budget
         run = _Run(
             cfg,
             run_dir,
@@ -183,12 +191,24 @@ def run_pipeline(
             caller.close()
             for jc in judge_callers:
                 jc.close()
+        post = None
+        if cfg.stages.train or cfg.stages.eval:  # the data models are closed: memory is free
+            from rlaif.pipeline.post import run_post
+
+            manifest.start()  # not finished until training and evaluation are
+            manifest.write(run_dir)
+            post = run_post(cfg, run_dir, items, run.stream)
+            manifest.info.update(train=post.to_dict()["steps"], eval=post.eval)
+            manifest.finish()
+            manifest.write(run_dir)
     stats = dict(caller.stats.to_dict())
     for jc in judge_callers:
         if jc is not caller:
             for k, v in jc.stats.to_dict().items():
                 stats[k] = stats.get(k, 0) + v
-    return RunResult(run_dir, manifest, exports, stats, time.perf_counter() - t0)
+    for k, v in (post.stats if post else {}).items():  # the evaluation's model calls
+        stats[k] = stats.get(k, 0) + v
+    return RunResult(run_dir, manifest, exports, stats, time.perf_counter() - t0, post)
 
 
 def _ensemble_record(records: list[dict[str, Any]], jcfg: J.JudgeConfig) -> dict[str, Any]:

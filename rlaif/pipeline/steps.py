@@ -7,24 +7,36 @@ finds it, and any change that alters the model's input makes new work.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 from rlaif.backends import load_backend
 from rlaif.backends.base import Backend
 from rlaif.pipeline.calls import GenRequest, GenResult, ModelCaller
-from rlaif.pipeline.config import ModelConfig
+from rlaif.pipeline.config import ExecutionConfig, ModelConfig
 from rlaif.progress import Progress
 from rlaif.store import CallCache, StageStore, record_id
 
 
 def make_caller(
-    m: ModelConfig, batch_size: int, cache: CallCache, backend: Backend | None = None
+    m: ModelConfig,
+    batch_size: int,
+    cache: CallCache,
+    backend: Backend | None = None,
+    execution: ExecutionConfig | None = None,
 ) -> ModelCaller:
     """A :class:`ModelCaller` whose backend is loaded only when a request misses the cache.
 
     The model id and revision for cache keys come from resolving the model (cheap: no
     weights are loaded), so a finished run re-runs without loading anything.
+
+    Args:
+        m: the model.
+        batch_size: requests per backend call (per worker in Ray mode).
+        cache: the run's call cache.
+        backend: a ready backend to use instead of building one from ``m``.
+        execution: ``mode: ray`` runs the model on a pool of Ray workers
+            (:class:`~rlaif.backends.ray_backend.RayBackend`); each call then carries
+            ``workers`` x the per-worker batch. Cache keys and records do not change.
     """
     if backend is not None:
         return ModelCaller(
@@ -34,28 +46,48 @@ def make_caller(
             cache=cache,
             batch_size=batch_size,
         )
+    ray = execution if execution is not None and execution.mode == "ray" else None
+    per_call = batch_size
+    if ray is not None:
+        batch_size = ray.batch_size or batch_size
+        per_call = batch_size * ray.workers
     if m.backend == "fake":
-        factory: Callable[[], Backend] = lambda: load_backend("fake", m.id, **m.options)  # noqa: E731
-        return ModelCaller(factory, model=m.id, revision=None, cache=cache, batch_size=batch_size)
-    from rlaif.backends import resolve_model
+        model_id, revision = m.id, None
+        options = dict(m.options)
+    elif m.backend == "openai":
+        # The server holds the model: nothing to resolve locally. The revision in cache keys
+        # and records is what the user declares (model.revision); a server does not say.
+        model_id, revision = m.id, m.revision
+        options = {"revision": m.revision, **m.options}
+    else:
+        from rlaif.backends import resolve_model
 
-    resolved = resolve_model(m.id, revision=m.revision, trust_remote_code=m.trust_remote_code)
-    options = dict(m.options)
-    if m.backend == "transformers":
-        options.setdefault("batch_size", batch_size)
+        resolved = resolve_model(m.id, revision=m.revision, trust_remote_code=m.trust_remote_code)
+        model_id, revision = resolved.model_id, resolved.revision
+        options = {"revision": m.revision, "trust_remote_code": m.trust_remote_code, **m.options}
+        if m.backend == "transformers":
+            options.setdefault("batch_size", batch_size)
 
     def factory() -> Backend:
-        return load_backend(
-            m.backend, m.id, revision=m.revision, trust_remote_code=m.trust_remote_code, **options
+        if ray is None:
+            return load_backend(m.backend, m.id, **options)
+        from rlaif.backends.ray_backend import RayBackend
+
+        return RayBackend(
+            m.backend,
+            m.id,
+            options=options,
+            workers=ray.workers,
+            batch_size=batch_size,
+            address=ray.address,
+            num_cpus_per_worker=ray.num_cpus_per_worker,
+            num_gpus_per_worker=ray.num_gpus_per_worker,
+            start_timeout=ray.start_timeout,
+            model_id=model_id,
+            model_revision=revision,
         )
 
-    return ModelCaller(
-        factory,
-        model=resolved.model_id,
-        revision=resolved.revision,
-        cache=cache,
-        batch_size=batch_size,
-    )
+    return ModelCaller(factory, model=model_id, revision=revision, cache=cache, batch_size=per_call)
 
 
 def step_id(name: str, req: GenRequest, caller: ModelCaller) -> str:
