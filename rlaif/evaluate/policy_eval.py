@@ -193,6 +193,7 @@ def run_eval(
     book: PromptBook | None = None,
     stream: TextIO | None = None,
     quiet: bool = False,
+    judge_config: JudgeConfig | None = None,
 ) -> list[EvalRow]:
     """Generate, judge and classify every prompt of ``sets``; see the module docstring.
 
@@ -205,6 +206,7 @@ def run_eval(
         reward_fn: scores (conversation, response) pairs; None skips reward scores.
         book: templates (``respond``, ``judge_mc``); default the built-in ones.
         stream, quiet: where progress goes, or nowhere.
+        judge_config: the win-rate judge's tie rule (logprob mode); default ``JudgeConfig()``.
     """
     unknown = set(sets) - set(SETS)
     if unknown:
@@ -212,7 +214,7 @@ def run_eval(
     if not constitution.judge_principles:
         raise ConfigError(f"constitution '{constitution.name}' has no judge principles")
     book = book or PromptBook()
-    cfg = JudgeConfig()
+    cfg = judge_config or JudgeConfig()
     params = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens)
     rows = [EvalRow(name, it.id, it.messages(), {}) for name in SETS for it in sets.get(name, [])]
     for role, caller in (("policy", policy), ("baseline", baseline)):
