@@ -467,7 +467,7 @@ def run_stage_eval(
         callers[role] = by_model[key]
     reward_fn, reward_info = None, None
     if rewards:
-        from rlaif.cli.eval_cmd import reward_fn_for  # the cached scorer `rlaif eval` uses
+        from rlaif.evaluate.rewards import reward_fn_for  # the cached scorer `rlaif eval` uses
 
         scores = out / "cache" / "reward.jsonl"
         reward_fn, reward_info = reward_fn_for(str(rewards[-1].out_dir), scores)
