@@ -157,7 +157,7 @@ FILTER_CASES = [
         unjudged(rec(1, status="skipped", reason="fewer than two judged responses")),
     ),
     (
-        f"{SKIPPED}: judge prefers the initial response (p = #)",
+        f"{SKIPPED}: judge prefers the initial response",
         rec(11, status="skipped", source="cai_sl", p=0.4, reason=why_not(0.4)),
     ),
     (GENERATION_ERROR, unjudged(rec(2, status="error", reason="generation failed: timeout"))),

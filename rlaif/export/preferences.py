@@ -84,6 +84,7 @@ FILTER_REASONS = {
     PROMPT_CAP: "more than max_pairs_per_prompt pairs for one prompt text",
 }
 _NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?(?:e[-+]?\d+)?")
+_NUMBER_NOTE = re.compile(r"\(\s*[a-z_]+\s*[=<>]=?\s*[-+]?[\d.e+-]+\s*\)")
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 
 
@@ -240,6 +241,9 @@ def upstream_reason(reason: str) -> str:
         return TIE
     if "identical" in r or r.startswith(("same texts", "no pair of distinct")):
         return IDENTICAL
+    # Numbers go, so the categories stay few: "(p = 0.4312)" and the like are dropped with
+    # the brackets they sit in, any other number is masked.
+    r = " ".join(_NUMBER_NOTE.sub("", r).split())
     return f"{SKIPPED}: {_NUMBER.sub('#', r)[:80] or 'no reason given'}"
 
 
