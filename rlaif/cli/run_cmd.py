@@ -98,6 +98,15 @@ def run_command(args: argparse.Namespace) -> int:
     filtered = result.exports.get("filtered") or {}
     if filtered:
         print("  filtered: " + "; ".join(f"{r}: {n}" for r, n in filtered.items()))
+    prefs = result.exports.get("preferences")
+    if prefs:
+        splits = ", ".join(f"{s} {v['rows']}" for s, v in prefs["splits"].items())
+        print(
+            f"  preferences: {prefs['kept']} of {prefs['inputs']} judged pairs kept ({splits})"
+            f" -> {prefs['export_dir']}"
+        )
+        if prefs["filtered"]:
+            print("  filtered: " + "; ".join(f"{r}: {n}" for r, n in prefs["filtered"].items()))
     if not args.quiet:
         _show_rows(result.exports.get("pairs") or [], cfg.stages.export.show)
     return 0
