@@ -7,7 +7,9 @@ Both modes judge the same pairs under the same sampled principle with the same m
 once), both orders each, through a ModelCaller with a fresh, empty call cache per run, so
 every request reaches the model. The modes alternate (logprob, reasoning, logprob, ...) for
 ``--rounds`` rounds so a slow patch of a shared machine hits both. A comparison is one pair
-judged in both orders. The issue's target: log-prob >= 10x reasoning.
+judged in both orders. The issue's target: log-prob >= 10x reasoning. ``logprob`` is the
+default (one prompt per scoring forward, so scores do not depend on batching); ``logprob-b``
+scores whole batches (``model.options.score_batch_size``).
 """
 
 from __future__ import annotations
@@ -91,16 +93,25 @@ def main(argv: list[str] | None = None) -> int:
     backend.score_choices([warm], ["A", "B"])
     backend.generate([warm], SamplingParams(max_new_tokens=4))
 
+    # (judge config, prompts per scoring forward): "logprob" is the default, one prompt per
+    # forward (scores byte-identical whatever the batching); "logprob-b" scores whole batches
+    # (model.options.score_batch_size), faster, last digits depend on the batch shape.
     configs = {
-        "logprob": JudgeConfig(mode="logprob"),
-        "reasoning": JudgeConfig(
-            mode="reasoning", sampling=SamplingParams(max_new_tokens=args.max_new_tokens)
+        "logprob": (JudgeConfig(mode="logprob"), 1),
+        "logprob-b": (JudgeConfig(mode="logprob"), args.batch_size),
+        "reasoning": (
+            JudgeConfig(
+                mode="reasoning", sampling=SamplingParams(max_new_tokens=args.max_new_tokens)
+            ),
+            1,
         ),
     }
     runs = []
     for r in range(args.rounds):
-        for mode, cfg in configs.items():
+        for mode, (cfg, score_batch) in configs.items():
+            backend.score_batch_size = score_batch
             res = one_run(backend, data, constitution, cfg, args.batch_size)
+            res["mode"] = mode
             res["round"] = r + 1
             runs.append(res)
             print(
@@ -121,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
             "completion_tokens_per_run": rs[-1]["completion_tokens"],
         }
     ratio = summary["logprob"]["comparisons_per_s"] / summary["reasoning"]["comparisons_per_s"]
+    batched = summary["logprob-b"]["comparisons_per_s"] / summary["logprob"]["comparisons_per_s"]
 
     def fmt(x: float | None) -> str:
         return "-" if x is None else f"{x:.2f}"
@@ -143,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     verdict = "meets" if ratio >= 10 else "misses"
     print(f"log-prob / reasoning = {ratio:.1f}x ({verdict} the 10x target)")
+    print(f"log-prob batched / one prompt per forward = {batched:.2f}x")
     if args.out:
         result = {
             "model": backend.model_id,
@@ -161,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
             "runs": runs,
             "summary": summary,
             "ratio_logprob_over_reasoning": ratio,
+            "ratio_batched_over_single_forward": batched,
         }
         args.out.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
         print(f"wrote {args.out}")

