@@ -379,7 +379,7 @@ def test_quickstart_dry_run_counts_smollm2_tokens_exactly(tmp_path, monkeypatch)
     first-step prompt tokens are the backend's, later steps stay under their bound, and the
     GGUF's own tokenizer (no converted copy yet: nothing converted, no weights) agrees."""
     short = [f"stages.critique_revise.{s}.max_new_tokens=8" for s in ("respond", "critique")]
-    sets = ["prompts.limit=2", *short, f"output={tmp_path / 'run'}"]
+    sets = ["prompts.limit=2", "model.backend=transformers", *short, f"output={tmp_path / 'run'}"]
     cfg = load_pipeline(ROOT / "pipelines" / "quickstart.yaml", sets)
     est = estimate_pipeline(cfg)
     res = run_pipeline(cfg)

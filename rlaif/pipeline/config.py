@@ -26,7 +26,9 @@ from rlaif.yamlio import LineDict, LineList, load_yaml, short_repr
 @dataclass
 class ModelConfig:
     id: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
-    backend: str = "transformers"  # transformers | vllm | fake
+    # auto (the fastest installed for this machine: vLLM when its build fits, else
+    # transformers; resolved when the pipeline is loaded) | transformers | vllm | openai | fake
+    backend: str = "auto"
     revision: str | None = None
     trust_remote_code: bool = False
     options: dict[str, Any] = field(default_factory=dict)  # passed to the backend
@@ -287,7 +289,7 @@ class PipelineConfig:
 
 
 _CHOICES = {
-    "model.backend": ("transformers", "vllm", "openai", "fake"),
+    "model.backend": ("auto", "transformers", "vllm", "openai", "fake"),
     "prompts.format": ("auto", "jsonl", "csv", "parquet", "disk"),
     "execution.mode": ("local", "ray"),
 }
@@ -309,8 +311,26 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> Pipel
         _apply_override(raw, item)
     cfg = _build(PipelineConfig, raw, str(path), "")
     cfg.path = str(path)
+    _resolve_auto_backends(cfg)
     _check(cfg, raw, str(path))
     return cfg
+
+
+def _resolve_auto_backends(cfg: PipelineConfig) -> None:
+    """``backend: auto`` becomes the concrete kind here, so records, manifests and every
+    stage see what actually runs (see :func:`rlaif.backends.auto_backend_kind`)."""
+    models = [cfg.model]
+    if cfg.stages.judge is not None:
+        models += [cfg.stages.judge.model, *cfg.stages.judge.extra_models]
+    if cfg.stages.eval is not None:
+        models.append(cfg.stages.eval.judge)
+    if any(isinstance(m, ModelConfig) and m.backend == "auto" for m in models):
+        from rlaif.backends import auto_backend_kind
+
+        kind = auto_backend_kind()
+        for m in models:
+            if isinstance(m, ModelConfig) and m.backend == "auto":
+                m.backend = kind
 
 
 # Lone surrogates come from command-line bytes that are not UTF-8 (Python's surrogateescape).

@@ -173,7 +173,7 @@ def _identify(m: ModelConfig) -> _Model:
 
         # its count does not depend on its options (canned replies, failure markers)
         return _Model(m.id, None, FakeBackend().count_tokens, "whitespace words (fake backend)")
-    if m.backend in ("transformers", "vllm"):
+    if m.backend in ("transformers", "vllm", "auto"):
         return _hf_model(m)
     # A served model: no local tokenizer to ask, so the base backend's rough count.
     return _Model(m.id, m.revision, _rough_count, "characters / 4 (no local tokenizer; rough)")

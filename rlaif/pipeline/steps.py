@@ -51,10 +51,15 @@ def make_caller(
     if ray is not None:
         batch_size = ray.batch_size or batch_size
         per_call = batch_size * ray.workers
-    if m.backend == "fake":
+    kind = m.backend
+    if kind == "auto":  # load_pipeline resolves it; a config built in Python may not be
+        from rlaif.backends import auto_backend_kind
+
+        kind = auto_backend_kind()
+    if kind == "fake":
         model_id, revision = m.id, None
         options = dict(m.options)
-    elif m.backend == "openai":
+    elif kind == "openai":
         # The server holds the model: nothing to resolve locally. The revision in cache keys
         # and records is what the user declares (model.revision); a server does not say.
         model_id, revision = m.id, m.revision
@@ -65,16 +70,16 @@ def make_caller(
         resolved = resolve_model(m.id, revision=m.revision, trust_remote_code=m.trust_remote_code)
         model_id, revision = resolved.model_id, resolved.revision
         options = {"revision": m.revision, "trust_remote_code": m.trust_remote_code, **m.options}
-        if m.backend == "transformers":
+        if kind == "transformers":
             options.setdefault("batch_size", batch_size)
 
     def factory() -> Backend:
         if ray is None:
-            return load_backend(m.backend, m.id, **options)
+            return load_backend(kind, m.id, **options)
         from rlaif.backends.ray_backend import RayBackend
 
         return RayBackend(
-            m.backend,
+            kind,
             m.id,
             options=options,
             workers=ray.workers,
