@@ -32,7 +32,7 @@ from rlaif.pipeline.budget import Usage, spent_in_run
 from rlaif.pipeline.calls import GenRequest, max_completion_tokens, prompt_copies, request_key
 from rlaif.pipeline.config import BudgetConfig, ModelConfig, PipelineConfig
 from rlaif.pipeline.sl_cai import step_names
-from rlaif.pipeline.sources import read_prompts
+from rlaif.pipeline.sources import read_pipeline_prompts
 from rlaif.pipeline.steps import step_id
 from rlaif.prompts import PromptBook
 from rlaif.stages import critique as cai
@@ -417,16 +417,7 @@ def estimate_pipeline(
         upper bound), and what the run dir has spent so far.
     """
     run_dir = Path(out or cfg.output)
-    p = cfg.prompts
-    items, _ = read_prompts(
-        cfg.resolve_path(p.path),
-        fmt=p.format,
-        field=p.field,
-        id_field=p.id_field,
-        split=p.split,
-        offset=p.offset,
-        limit=p.limit,
-    )
+    items, _ = read_pipeline_prompts(cfg)
     found: dict[str, _Model] = {}
 
     def model(m: ModelConfig) -> _Model:

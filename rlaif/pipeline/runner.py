@@ -24,7 +24,7 @@ from rlaif.pipeline.calls import ModelCaller
 from rlaif.pipeline.config import PipelineConfig
 from rlaif.pipeline.rl_cai import PairToJudge, judge_wave, sample_wave, select_pairs
 from rlaif.pipeline.sl_cai import TRACE_STAGE, critique_revise_wave, step_names
-from rlaif.pipeline.sources import PromptItem, read_prompts
+from rlaif.pipeline.sources import PromptItem, read_pipeline_prompts
 from rlaif.pipeline.steps import make_caller
 from rlaif.progress import Progress
 from rlaif.prompts import PromptBook
@@ -112,16 +112,7 @@ def run_pipeline(
     run_dir = Path(out or cfg.output)
     run_dir.mkdir(parents=True, exist_ok=True)
     with RunLock(run_dir):
-        p = cfg.prompts
-        items, dropped = read_prompts(
-            cfg.resolve_path(p.path),
-            fmt=p.format,
-            field=p.field,
-            id_field=p.id_field,
-            split=p.split,
-            offset=p.offset,
-            limit=p.limit,
-        )
+        items, dropped = read_pipeline_prompts(cfg)
         cache = CallCache(run_dir / "cache" / "calls.jsonl")
         caller = make_caller(cfg.model, cfg.batch_size, cache, backend, execution=cfg.execution)
         judge_callers: list[ModelCaller] = []

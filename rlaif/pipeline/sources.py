@@ -14,10 +14,13 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rlaif.errors import DataError
 from rlaif.store.hashing import content_hash
+
+if TYPE_CHECKING:
+    from rlaif.pipeline.config import PipelineConfig
 
 _HH_TURN = re.compile(r"\n\n(Human|Assistant): ?")
 # A lone UTF-16 surrogate (JSON's "\\ud800") decodes to a str no file or tokenizer can encode;
@@ -220,3 +223,18 @@ def read_prompts(
     if not items:
         raise DataError("no prompts found", file=path, field="prompts.path")
     return items, skipped
+
+
+def read_pipeline_prompts(cfg: PipelineConfig) -> tuple[list[PromptItem], list[dict[str, Any]]]:
+    """:func:`read_prompts` over a pipeline's ``prompts:`` section (its path relative to the
+    pipeline file)."""
+    p = cfg.prompts
+    return read_prompts(
+        cfg.resolve_path(p.path),
+        fmt=p.format,
+        field=p.field,
+        id_field=p.id_field,
+        split=p.split,
+        offset=p.offset,
+        limit=p.limit,
+    )
