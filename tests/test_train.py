@@ -484,3 +484,26 @@ def test_dpo_on_smollm2_with_lora(tmp_path, run_dir):
     import torch
 
     assert not torch.equal(_weights(tmp_path / "out")[PROBE], _weights(folder)[PROBE])
+
+
+def test_only_the_first_rank_writes_under_a_distributed_launch(tmp_path, monkeypatch):
+    """torchrun / accelerate run the recipe on every rank: curves, metrics and the model are
+    written once, by rank 0."""
+    from rlaif.train.common import save_model
+    from rlaif.train.curves import CurveLogger, is_main_process, write_metrics
+
+    monkeypatch.setenv("RANK", "1")
+    assert not is_main_process()
+    curves = CurveLogger(tmp_path / "r1", fresh=True)
+    curves.log(1, loss=0.5)
+    assert curves.plot() is None
+    write_metrics(tmp_path / "r1", {"loss": 0.5})
+    save_model(None, None, tmp_path / "r1")  # never touched on rank 1
+    assert not (tmp_path / "r1").exists()
+
+    monkeypatch.setenv("RANK", "0")
+    curves = CurveLogger(tmp_path / "r0", fresh=True)
+    curves.log(1, loss=0.5)
+    write_metrics(tmp_path / "r0", {"loss": 0.5})
+    assert [r["loss"] for r in curves.rows()] == [0.5]
+    assert json.loads((tmp_path / "r0" / "metrics.json").read_text()) == {"loss": 0.5}

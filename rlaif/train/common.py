@@ -366,7 +366,11 @@ def save_model(model: Any, tokenizer: Any, out_dir: str | Path) -> Path:
     Returns:
         ``out_dir``.
     """
+    from rlaif.train.curves import is_main_process
+
     out = Path(out_dir)
+    if not is_main_process():  # one writer under a distributed launch
+        return out
     out.mkdir(parents=True, exist_ok=True)
     # Unwrap a DeepSpeed / DDP / accelerate wrapper if the trainer left one.
     model = getattr(model, "module", model)

@@ -19,6 +19,16 @@ from typing import Any
 
 from rlaif.progress import Progress
 
+
+def is_main_process() -> bool:
+    """False on every rank but the first of a distributed launch (torchrun, accelerate and
+    DeepSpeed set ``RANK``), so files are written once."""
+    try:
+        return int(os.environ.get("RANK", "0")) == 0
+    except ValueError:
+        return True
+
+
 __all__ = ["CurveLogger", "quiet_bars", "watch", "write_metrics"]  # and CurveCallback, lazily
 
 
@@ -46,15 +56,21 @@ class CurveLogger:
 
     def __init__(self, out_dir: str | Path, *, fresh: bool = False) -> None:
         self.out_dir = Path(out_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.out_dir / "curves.jsonl"
         self.png = self.out_dir / "curves.png"
+        # Under torchrun / accelerate every rank runs the recipe; one writes the curves.
+        self.enabled = is_main_process()
+        if not self.enabled:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
         if fresh:
             self.path.unlink(missing_ok=True)
             self.png.unlink(missing_ok=True)
 
     def log(self, step: int, **metrics: Any) -> None:
         """Append one line ``{"step": step, metric: value, ...}``; non-numbers are skipped."""
+        if not self.enabled:
+            return
         row: dict[str, Any] = {"step": int(step)}
         for key, value in metrics.items():
             if hasattr(value, "item"):  # a 0-d tensor or numpy scalar
@@ -78,6 +94,8 @@ class CurveLogger:
 
     def plot(self) -> Path | None:
         """Write ``curves.png``: one subplot per metric against the step; None if no data."""
+        if not self.enabled:
+            return None
         series: dict[str, tuple[list[int], list[float]]] = {}
         for row in self.rows():
             for key, value in row.items():
@@ -245,6 +263,8 @@ def write_metrics(out_dir: str | Path, metrics: dict[str, Any]) -> Path:
         return v
 
     path = Path(out_dir) / "metrics.json"
+    if not is_main_process():
+        return path
     tmp = path.with_name(f".metrics.json.{os.getpid()}")
     tmp.write_text(json.dumps(clean(metrics), indent=1, sort_keys=True) + "\n", encoding="utf-8")
     os.replace(tmp, path)
