@@ -106,6 +106,9 @@ def summary(manifest: dict[str, Any] | None, run_dir: Path) -> tuple[Markup, boo
     if calls:
         keys = sorted({k for c in calls.values() for k in c})
         parts.append(H.h3("Model calls"))
+        # The manifest keeps the counts of the latest invocation: after a resume that found
+        # everything done they are zeros, which says the re-run cost nothing.
+        parts.append(H.p("in the latest invocation of the run (a resume counts only its own)"))
         parts.append(
             H.table(["caller", *keys], [[n, *[c.get(k) for k in keys]] for n, c in calls.items()])
         )
