@@ -384,3 +384,12 @@ def test_judge_ensemble_across_models(tmp_path):
     ]
     assert rows and all(r["chosen"] != r["rejected"] for r in rows)
     assert res.exports["preferences"]["inputs"] == 4 + 4 * 3
+
+
+def test_demo_runs_the_quickstart_through_the_run_command(tmp_path, capsys):
+    """`rlaif demo` (what `make demo` runs) with every `rlaif run` option at its default."""
+    out = tmp_path / "demo"
+    sets = ["--set", "model.backend=fake", "--set", "prompts.limit=2"]
+    assert main(["demo", *sets, "--out", str(out)]) == 0
+    assert "sft: 2 rows" in capsys.readouterr().out
+    assert (out / "export" / "sft.jsonl").is_file()

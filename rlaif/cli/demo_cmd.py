@@ -30,16 +30,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _demo(args: argparse.Namespace) -> int:
     if args.tour:
         return _tour()
+    from rlaif.cli.main import build_parser
     from rlaif.cli.run_cmd import run_command
 
-    ns = argparse.Namespace(
-        pipeline="quickstart",
-        overrides=args.overrides,
-        out=args.out,
-        retry_errors=False,
-        quiet=False,
-    )
-    return run_command(ns)
+    # Through the real `rlaif run` parser, so every option it has gets its default here too.
+    argv = ["run", "quickstart", "--out", args.out]
+    for item in args.overrides:
+        argv += ["--set", item]
+    return run_command(build_parser().parse_args(argv))
 
 
 def _tour() -> int:
