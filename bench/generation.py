@@ -236,12 +236,10 @@ def run_child(cmd: list[str], env: dict[str, str], out: Path, log: Path) -> dict
     return result
 
 
-def prepare(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    """Write the prompts, the pipeline, spec.json and the distilabel inputs into ``work``."""
-    from bench.distilabel_env import distilabel_inputs
-    from rlaif.backends import DEFAULT_MODEL, resolve_model
-    from rlaif.backends.resolve import default_gguf
-    from rlaif.pipeline import load_pipeline
+def write_workload(work: Path, args: argparse.Namespace) -> tuple[Path, Path]:
+    """The CAI-32 inputs in ``work``: the first ``args.prompts`` rows of ``args.data`` as
+    ``prompts.jsonl`` and the pipeline over them as ``pipeline.yaml``."""
+    from rlaif.backends import DEFAULT_MODEL
 
     prompts = work / "prompts.jsonl"
     with open(args.data, encoding="utf-8") as src, open(prompts, "w", encoding="utf-8") as dst:
@@ -253,6 +251,17 @@ def prepare(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             batch_size=args.batch_size, model=DEFAULT_MODEL, prompts=prompts, tokens=args.tokens
         )
     )
+    return prompts, pipe
+
+
+def prepare(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """Write the prompts, the pipeline, spec.json and the distilabel inputs into ``work``."""
+    from bench.distilabel_env import distilabel_inputs
+    from rlaif.backends import DEFAULT_MODEL, resolve_model
+    from rlaif.backends.resolve import default_gguf
+    from rlaif.pipeline import load_pipeline
+
+    _, pipe = write_workload(work, args)
     folder = str(resolve_model(DEFAULT_MODEL).path)
     spec = {
         "model": DEFAULT_MODEL,

@@ -28,7 +28,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.generation import DEFAULT_DATA, PIPELINE, busy_threads, machine  # noqa: E402
+from bench.generation import DEFAULT_DATA, busy_threads, machine, write_workload  # noqa: E402
 
 
 def tree_digest(folder: Path) -> str:
@@ -72,19 +72,9 @@ def main() -> int:
     if not args.data.is_file():
         print(f"bench: data not found: {args.data} (needs ../shared beside the repo)")
         return 2
-    from rlaif.backends import DEFAULT_MODEL
 
     work = Path(tempfile.mkdtemp(prefix="rlaif-bench-resume-"))
-    prompts = work / "prompts.jsonl"
-    with open(args.data, encoding="utf-8") as src, open(prompts, "w", encoding="utf-8") as dst:
-        for _, line in zip(range(args.prompts), src, strict=False):
-            dst.write(line)
-    pipe = work / "pipeline.yaml"
-    pipe.write_text(
-        PIPELINE.format(
-            batch_size=args.batch_size, model=DEFAULT_MODEL, prompts=prompts, tokens=args.tokens
-        )
-    )
+    _, pipe = write_workload(work, args)
     threads = busy_threads()
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS=str(threads))
     run_dir = work / "run"
