@@ -8,8 +8,10 @@ once), both orders each, through a ModelCaller with a fresh, empty call cache pe
 every request reaches the model. The modes alternate (logprob, reasoning, logprob, ...) for
 ``--rounds`` rounds so a slow patch of a shared machine hits both. A comparison is one pair
 judged in both orders. The issue's target: log-prob >= 10x reasoning. ``logprob`` is the
-default (one prompt per scoring forward, so scores do not depend on batching); ``logprob-b``
-scores whole batches (``model.options.score_batch_size``).
+default (one prompt per scoring forward, so scores do not depend on batching, and the two
+orders' shared conversation prefix computed once); ``logprob-np`` is the same without the
+prefix reuse (``model.options.prefix_cache_mb: 0``); ``logprob-b`` scores whole batches
+(``model.options.score_batch_size``).
 """
 
 from __future__ import annotations
@@ -105,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     # (model.options.score_batch_size), faster, last digits depend on the batch shape.
     configs = {
         "logprob": (JudgeConfig(mode="logprob"), 1),
+        "logprob-np": (JudgeConfig(mode="logprob"), 1),
         "logprob-b": (JudgeConfig(mode="logprob"), args.batch_size),
         "reasoning": (
             JudgeConfig(
@@ -114,13 +117,20 @@ def main(argv: list[str] | None = None) -> int:
         ),
     }
     if args.backend != "transformers":
-        del configs["logprob-b"]
+        del configs["logprob-b"], configs["logprob-np"]
+    prefix_bytes = getattr(getattr(backend, "prefix_kv", None), "max_bytes", 0)
     runs = []
     for r in range(args.rounds):
         for mode, (cfg, score_batch) in configs.items():
             if args.backend == "transformers":
                 backend.score_batch_size = score_batch
+                # "logprob-np": one prompt per forward without shared-prefix reuse
+                backend.prefix_kv.clear()
+                backend.prefix_kv.max_bytes = 0 if mode == "logprob-np" else prefix_bytes
+                backend.prefix_kv.reused_tokens = 0
             res = one_run(backend, data, constitution, cfg, args.batch_size)
+            if args.backend == "transformers":
+                res["prefix_tokens_reused"] = backend.prefix_kv.reused_tokens
             res["mode"] = mode
             res["round"] = r + 1
             runs.append(res)
@@ -147,6 +157,11 @@ def main(argv: list[str] | None = None) -> int:
         if "logprob-b" in summary
         else None
     )
+    reuse = (
+        summary["logprob"]["comparisons_per_s"] / summary["logprob-np"]["comparisons_per_s"]
+        if "logprob-np" in summary
+        else None
+    )
 
     def fmt(x: float | None) -> str:
         return "-" if x is None else f"{x:.2f}"
@@ -171,6 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"log-prob / reasoning = {ratio:.1f}x ({verdict} the 10x target)")
     if batched is not None:
         print(f"log-prob batched / one prompt per forward = {batched:.2f}x")
+    if reuse is not None:
+        reused = runs[-len(configs)]["prefix_tokens_reused"]
+        print(f"log-prob with / without prefix reuse = {reuse:.2f}x ({reused} tokens reused)")
     if args.out:
         result = {
             "model": backend.model_id,
@@ -191,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
             "summary": summary,
             "ratio_logprob_over_reasoning": ratio,
             "ratio_batched_over_single_forward": batched,
+            "ratio_prefix_reuse": reuse,
         }
         args.out.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
         print(f"wrote {args.out}")

@@ -8,11 +8,37 @@ nothing about principles, records or files.
 from __future__ import annotations
 
 import abc
+import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 Message = dict[str, str]  # {"role": "system"|"user"|"assistant", "content": str}
 Conversation = list[Message]
+# Where a prompt's shared prefix ends: (message index, characters of that message's content).
+# A caller that sends several prompts starting with the same text (the judge's two orders)
+# marks the end of that text; a backend that ``reuses_prefixes`` computes the prefix's KV
+# once and scores each prompt as prefix + rest. The hint is part of the request, so a
+# prompt's scores never depend on which other prompts were sent with it.
+PrefixHint = tuple[int, int]
+
+
+def shared_prefix(a: Conversation, b: Conversation) -> PrefixHint | None:
+    """The hint for the text ``a`` and ``b`` start with, or None if they differ at once.
+
+    Messages before the first differing one must be equal; the hint points into that
+    message's content, after the characters both share. Equal conversations give None.
+    """
+    for i, (x, y) in enumerate(zip(a, b, strict=False)):
+        if x == y:
+            continue
+        if x.get("role") != y.get("role") or set(x) != set(y):
+            return (i, 0) if i else None
+        cx, cy = x.get("content"), y.get("content")
+        if not isinstance(cx, str) or not isinstance(cy, str):
+            return (i, 0) if i else None
+        n = len(os.path.commonprefix([cx, cy]))  # noqa: RUF071 - characters are wanted
+        return (i, n) if i or n else None
+    return None
 
 
 @dataclass(frozen=True)
@@ -86,6 +112,8 @@ class Backend(abc.ABC):
     name: str = "base"
     model_id: str = ""
     model_revision: str | None = None
+    # True if score_choices takes ``prefixes`` (one PrefixHint or None per conversation).
+    reuses_prefixes: bool = False
 
     @abc.abstractmethod
     def generate(
@@ -97,7 +125,12 @@ class Backend(abc.ABC):
     def score_choices(
         self, conversations: list[Conversation], choices: list[str]
     ) -> list[ChoiceScores]:
-        """Log-probability of each choice string as the start of the assistant's reply."""
+        """Log-probability of each choice string as the start of the assistant's reply.
+
+        Backends with ``reuses_prefixes = True`` also take ``prefixes=`` (see
+        :data:`PrefixHint`); callers pass it only to those, so this two-argument form stays
+        enough for a backend of one's own.
+        """
 
     def count_tokens(self, conversation: Conversation) -> int:
         """Prompt length in tokens after the chat template (used to sort and to guard context)."""

@@ -31,7 +31,14 @@ import logging
 import threading
 from typing import Any
 
-from rlaif.backends.base import Backend, ChoiceScores, Completion, Conversation, SamplingParams
+from rlaif.backends.base import (
+    Backend,
+    ChoiceScores,
+    Completion,
+    Conversation,
+    PrefixHint,
+    SamplingParams,
+)
 from rlaif.errors import ModelError
 
 log = logging.getLogger(__name__)
@@ -69,9 +76,14 @@ class _Worker:
         return self.backend.generate(conversations, params)
 
     def score_choices(
-        self, conversations: list[Conversation], choices: list[str]
+        self,
+        conversations: list[Conversation],
+        choices: list[str],
+        prefixes: list[PrefixHint | None] | None = None,
     ) -> list[ChoiceScores]:
         assert self.backend is not None
+        if prefixes is not None and self.backend.reuses_prefixes:
+            return self.backend.score_choices(conversations, choices, prefixes=prefixes)
         return self.backend.score_choices(conversations, choices)
 
     def count_tokens(self, conversation: Conversation) -> int:
@@ -176,6 +188,8 @@ class RayBackend(Backend):
         if workers < 1 or batch_size < 1:
             raise ModelError("workers and batch_size must be at least 1", field="execution")
         self.kind = kind
+        # The transformers workers reuse shared prompt prefixes when told where they end.
+        self.reuses_prefixes = kind == "transformers"
         self.model_id = model_id or model
         self.model_revision = model_revision
         self.workers = workers
@@ -221,10 +235,14 @@ class RayBackend(Backend):
         return self._map("generate", conversations, params)
 
     def score_choices(
-        self, conversations: list[Conversation], choices: list[str]
+        self,
+        conversations: list[Conversation],
+        choices: list[str],
+        prefixes: list[PrefixHint | None] | None = None,
     ) -> list[ChoiceScores]:
-        """Log-probabilities of each choice after each conversation, computed on the workers."""
-        return self._map("score_choices", conversations, list(choices))
+        """Log-probabilities of each choice after each conversation, computed on the workers
+        (``prefixes``: see :data:`rlaif.backends.base.PrefixHint`)."""
+        return self._map("score_choices", conversations, list(choices), prefixes)
 
     def count_tokens(self, conversation: Conversation) -> int:
         """Prompt length in tokens, as the workers' backend counts it."""
@@ -276,7 +294,9 @@ class RayBackend(Backend):
 
         return ray
 
-    def _map(self, method: str, conversations: list[Conversation], arg: Any) -> list:
+    def _map(
+        self, method: str, conversations: list[Conversation], arg: Any, per_row: list | None = None
+    ) -> list:
         ray = self._live()
         # Full shards of batch_size, as one process would batch them: the caller sends
         # workers x batch_size requests, so each worker gets exactly the batch a local run
@@ -284,7 +304,9 @@ class RayBackend(Backend):
         n = len(conversations)
         cuts = [(a, min(a + self.batch_size, n)) for a in range(0, n, self.batch_size)]
         refs = [
-            getattr(self._actors[i % self.workers], method).remote(conversations[a:b], arg)
+            getattr(self._actors[i % self.workers], method).remote(
+                conversations[a:b], arg, *([] if per_row is None else [per_row[a:b]])
+            )
             for i, (a, b) in enumerate(cuts)
         ]
         out: list = []

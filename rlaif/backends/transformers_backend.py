@@ -18,6 +18,13 @@ Conventions every backend must match (the vLLM backend reuses the helpers below)
 * **Choice scores**: a choice's log-probability is the sum of the log-probs of
   ``tokenizer(choice, add_special_tokens=False)`` tokens following the prompt above
   (see :func:`choice_ids`). Single-token choices need one forward pass over the prompts.
+* **Shared prefixes** (``score_choices(..., prefixes=)``, one-prompt forwards): a prompt
+  whose request marks where the text it shares with its siblings ends (the judge's two orders
+  share the conversation) is scored as two forwards, the prefix and then the rest over the
+  prefix's KV cache. The prefix's KV is kept in a small LRU keyed by its token ids, so its
+  siblings skip it. The split is a function of the request alone, and a cached prefix holds
+  exactly what computing it again would, so scores stay independent of batching, call order
+  and cache state; they differ from an unsplit forward in the last digits (~1e-5 in log-prob).
 * **Context**: a prompt (plus the longest choice when scoring) that leaves no room in
   ``max_position_embeddings`` raises :class:`BackendError` naming the request index;
   generation stops with ``"length"`` when the context fills up.
@@ -26,14 +33,22 @@ Conventions every backend must match (the vLLM backend reuses the helpers below)
 from __future__ import annotations
 
 import gc
+import hashlib
 import logging
 import os
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from rlaif.backends.base import ChoiceScores, Completion, Conversation, SamplingParams
+from rlaif.backends.base import (
+    ChoiceScores,
+    Completion,
+    Conversation,
+    PrefixHint,
+    SamplingParams,
+)
 from rlaif.backends.local import LocalModelBackend, choice_ids
 from rlaif.backends.resolve import DEFAULT_MODEL, resolve_model
 from rlaif.errors import BackendError, ModelError
@@ -111,6 +126,51 @@ def _left_pad(seqs: Sequence[list[int]], pad_id: int, device: torch.device):
     return ids.to(device), mask.to(device), pos.to(device)
 
 
+# A marked prefix shorter than this is not split off: a second forward costs about as much
+# as this many prompt tokens on a CPU (each forward reads every weight once).
+MIN_PREFIX_TOKENS = 32
+_MARK = "\ue000"  # private-use character that locates a prefix hint in the rendered prompt
+
+
+class _PrefixKV:
+    """LRU of prompt-prefix KV tensors, keyed by a hash of the prefix's token ids, bounded
+    in bytes; an entry is a tuple of (keys, values) per layer, never modified after storing."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._items: OrderedDict[str, tuple[tuple[tuple[Any, Any], ...], int]] = OrderedDict()
+        self.hits = self.misses = 0
+        self.reused_tokens = 0
+
+    @staticmethod
+    def key(ids: Sequence[int]) -> str:
+        return hashlib.blake2b(repr(list(ids)).encode(), digest_size=16).hexdigest()
+
+    def get(self, key: str) -> Any:
+        item = self._items.get(key)
+        if item is None:
+            self.misses += 1
+            return None
+        self._items.move_to_end(key)
+        self.hits += 1
+        return item[0]
+
+    def put(self, key: str, kv: tuple[tuple[Any, Any], ...]) -> None:
+        size = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in kv)
+        if size > self.max_bytes:
+            return
+        self._items[key] = (kv, size)
+        self.bytes += size
+        while self.bytes > self.max_bytes:
+            _, (_, old) = self._items.popitem(last=False)
+            self.bytes -= old
+
+    def clear(self) -> None:
+        self._items.clear()
+        self.bytes = 0
+
+
 NUCLEUS_PREFIX = 1024  # top-p looks for its nucleus among this many tokens first
 
 
@@ -174,9 +234,12 @@ class TransformersBackend(LocalModelBackend):
         revision: hub branch, tag or commit.
         num_threads: torch CPU threads (process-wide); None picks :func:`cpu_threads` when
             running on CPU.
+        prefix_cache_mb: memory for the KV of shared prompt prefixes (see the module notes);
+            0 turns prefix reuse off (each prompt is then one forward, as before).
     """
 
     name = "transformers"
+    reuses_prefixes = True
 
     def __init__(
         self,
@@ -189,6 +252,7 @@ class TransformersBackend(LocalModelBackend):
         trust_remote_code: bool = False,
         revision: str | None = None,
         num_threads: int | None = None,
+        prefix_cache_mb: float = 256,
     ) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -196,6 +260,9 @@ class TransformersBackend(LocalModelBackend):
             raise ModelError("batch_size must be >= 1", field="batch_size")
         if score_batch_size < 1:
             raise ModelError("score_batch_size must be >= 1", field="score_batch_size")
+        if not prefix_cache_mb >= 0:
+            raise ModelError("prefix_cache_mb must be >= 0", field="prefix_cache_mb")
+        self.prefix_kv = _PrefixKV(int(prefix_cache_mb * (1 << 20)))
         self.resolved = resolve_model(model, revision=revision, trust_remote_code=trust_remote_code)
         self.model_id = model
         self.model_revision = self.resolved.revision
@@ -229,6 +296,7 @@ class TransformersBackend(LocalModelBackend):
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else eos[0]
         self._max_context = getattr(self.model.config, "max_position_embeddings", None)
+        self._splittable = self._plain_kv_cache()
         log.info(
             "loaded %s (%s) on %s as %s, %d CPU threads",
             model,
@@ -244,6 +312,106 @@ class TransformersBackend(LocalModelBackend):
         if self.model is None:
             raise BackendError("the transformers backend is closed")
         return self.model
+
+    def _plain_kv_cache(self) -> bool:
+        """True if every layer keeps a plain, growing KV cache (no sliding window, no
+        recurrent state), so a prefix's cache can be stored and continued from."""
+        from transformers import DynamicCache
+        from transformers.cache_utils import DynamicLayer
+
+        try:
+            layers = DynamicCache(config=self.model.config).layers
+        except Exception:  # an unusual cache layout: do not split
+            return False
+        return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+
+    def _split_at(self, conversation: Conversation, ids: list[int], hint: PrefixHint | None) -> int:
+        """Prompt tokens before the hinted point (0: no split), from the request alone.
+
+        The hint is located by rendering the prompt with a marker character at that point;
+        the split follows the last line break before it (tokens can merge across the point
+        differently in each sibling, not across a line break). No split when the marker
+        cannot be placed, the tokens differ from the prompt's, or the prefix is short.
+        """
+        if hint is None or not self._splittable or self.prefix_kv.max_bytes == 0:
+            return 0
+        try:
+            index, offset = int(hint[0]), int(hint[1])
+        except (TypeError, ValueError, IndexError):
+            return 0
+        if not 0 <= index < len(conversation):
+            return 0
+        content = conversation[index].get("content")
+        if not isinstance(content, str) or not 0 <= offset <= len(content):
+            return 0
+        if any(_MARK in str(m.get("content", "")) for m in conversation):
+            return 0
+        marked = [dict(m) for m in conversation]
+        marked[index]["content"] = content[:offset] + _MARK + content[offset:]
+        try:
+            text = self.tokenizer.apply_chat_template(
+                marked, add_generation_prompt=True, tokenize=False
+            )
+            at = text.find(_MARK)
+            if at < 0 or text.count(_MARK) != 1:
+                return 0
+            plain = text.replace(_MARK, "")
+            enc = self.tokenizer(plain, add_special_tokens=False, return_offsets_mapping=True)
+        except Exception:  # no offsets (slow tokenizer) or a template that rejects the mark
+            return 0
+        if list(enc["input_ids"]) != ids:
+            return 0
+        # The split goes after the last token that ends a line before the hint: what follows
+        # the hint differs between siblings and can merge with the tokens just before it
+        # ("A. Apologise" / "A. Hide" tokenize ". " differently), never across a line break.
+        k = 0
+        for n, (_, end) in enumerate(enc["offset_mapping"]):
+            if end > at:
+                break
+            if end and plain[end - 1] == "\n":
+                k = n + 1
+        return k if MIN_PREFIX_TOKENS <= k < len(ids) - 1 else 0
+
+    def _forward_tail(self, seq: list[int], split: int, keep: int) -> torch.Tensor:
+        """Logits of the last ``keep`` positions of ``seq`` (one row, no padding): one
+        forward, or with ``split`` > 0 the prefix's KV (cached or computed now) + the rest."""
+        from transformers import DynamicCache
+
+        model, dev = self._live(), self.device
+        if split == 0:
+            ids, mask, pos = _left_pad([seq], self.pad_id, dev)
+            return model(
+                input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=keep
+            ).logits[0]
+        key = self.prefix_kv.key(seq[:split])
+        kv = self.prefix_kv.get(key)
+        if kv is None:
+            cache = DynamicCache(config=model.config)
+            ids, mask, pos = _left_pad([seq[:split]], self.pad_id, dev)
+            model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=pos,
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            kv = tuple((layer.keys, layer.values) for layer in cache.layers)
+            self.prefix_kv.put(key, kv)
+        else:
+            self.prefix_kv.reused_tokens += split
+        cache = DynamicCache(config=model.config)
+        for layer, (k, v) in enumerate(kv):
+            cache.update(k, v, layer)  # copies: the stored tensors stay as they were
+        n = len(seq)
+        return model(
+            input_ids=torch.tensor([seq[split:]], device=dev),
+            attention_mask=torch.ones((1, n), dtype=torch.long, device=dev),
+            position_ids=torch.arange(split, n, device=dev).unsqueeze(0),
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=keep,
+        ).logits[0]
 
     def _stopped(self, tokens: list[int], stop: tuple[str, ...], window: int) -> bool:
         # A stop string of k characters spans at most k (+ partial-UTF-8) tokens.
@@ -366,13 +534,18 @@ class TransformersBackend(LocalModelBackend):
         return result
 
     def score_choices(
-        self, conversations: list[Conversation], choices: list[str]
+        self,
+        conversations: list[Conversation],
+        choices: list[str],
+        prefixes: Sequence[PrefixHint | None] | None = None,
     ) -> list[ChoiceScores]:
         """Log-probability of each choice string as the start of the assistant's reply.
 
         Single-token choices (the judge's "A" / "B") cost one forward pass over the prompts;
         longer choices one forward over prompt + choice per (conversation, choice). Forwards
-        take ``score_batch_size`` rows (default 1: batch-shape independent scores).
+        take ``score_batch_size`` rows (default 1: batch-shape independent scores). With one
+        row per forward, ``prefixes`` (one :data:`PrefixHint` or None per conversation) lets
+        prompts that share a prefix compute it once (see the module notes).
 
         Raises:
             BackendError: no choices, an empty choice, or a prompt that doesn't fit.
@@ -385,48 +558,93 @@ class TransformersBackend(LocalModelBackend):
             raise BackendError(f"choice {empty[0]!r} has no tokens")
         if not conversations:
             return []
+        if prefixes is not None and len(prefixes) != len(conversations):
+            raise BackendError(
+                f"{len(prefixes)} prefix hints for {len(conversations)} conversations"
+            )
         longest = max(len(t) for t in cids.values())
         prompts = self._prompts(conversations, reserve=longest)
-        scores: list[dict[str, float]] = [{} for _ in prompts]
-        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-        with torch.inference_mode():
-            if longest == 1:
-                vocab_ids = torch.tensor([cids[c][0] for c in cids], device=self.device)
-                for start in range(0, len(order), self.score_batch_size):
-                    chunk = order[start : start + self.score_batch_size]
-                    ids, mask, pos = _left_pad(
-                        [prompts[i] for i in chunk], self.pad_id, self.device
-                    )
-                    out = self._live()(
-                        input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=1
-                    )
-                    logp = torch.log_softmax(out.logits[:, -1, :].float(), dim=-1)
-                    picked = logp[:, vocab_ids].tolist()
-                    for i, values in zip(chunk, picked, strict=True):
-                        scores[i] = dict(zip(cids, values, strict=True))
-            else:
-                pairs = [(i, c) for i in order for c in cids]
-                for start in range(0, len(pairs), self.score_batch_size):
-                    chunk = pairs[start : start + self.score_batch_size]
-                    seqs = [prompts[i] + cids[c] for i, c in chunk]
-                    ids, mask, pos = _left_pad(seqs, self.pad_id, self.device)
-                    # Rows end together (left padding), so the logits that predict each
-                    # row's choice tokens are among the last longest+1 positions.
-                    keep = longest + 1
-                    out = self._live()(
-                        input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=keep
-                    )
-                    logp = torch.log_softmax(out.logits.float(), dim=-1)
-                    for r, (i, c) in enumerate(chunk):
-                        toks = cids[c]
-                        first = keep - 1 - len(toks)
-                        at = torch.arange(first, first + len(toks), device=logp.device)
-                        tok_t = torch.tensor(toks, device=logp.device)
-                        scores[i][c] = float(logp[r, at, tok_t].sum())
+        if self.score_batch_size == 1:
+            with torch.inference_mode():
+                scores = self._score_one_by_one(conversations, prompts, cids, prefixes)
+        else:
+            with torch.inference_mode():
+                scores = self._score_batched(prompts, cids)
         return [
             ChoiceScores(logprobs={c: s[c] for c in cids}, prompt_tokens=len(p))
             for s, p in zip(scores, prompts, strict=True)
         ]
+
+    def _score_one_by_one(
+        self,
+        conversations: list[Conversation],
+        prompts: list[list[int]],
+        cids: dict[str, list[int]],
+        prefixes: Sequence[PrefixHint | None] | None,
+    ) -> list[dict[str, float]]:
+        hints = prefixes or [None] * len(prompts)
+        splits = [
+            self._split_at(c, p, h) for c, p, h in zip(conversations, prompts, hints, strict=True)
+        ]
+        # Prompts with the same prefix one after another, so the LRU holds what is reused.
+        order = sorted(range(len(prompts)), key=lambda i: (prompts[i][: splits[i]], i))
+        longest = max(len(t) for t in cids.values())
+        scores: list[dict[str, float]] = [{} for _ in prompts]
+        for i in order:
+            if longest == 1:
+                logits = self._forward_tail(prompts[i], splits[i], 1)
+                logp = torch.log_softmax(logits[-1].float(), dim=-1)
+                scores[i] = {c: float(logp[t[0]]) for c, t in cids.items()}
+                continue
+            for c, toks in cids.items():
+                # The last longest+1 positions hold the logits that predict the choice.
+                keep = longest + 1
+                logits = self._forward_tail(prompts[i] + toks, splits[i], keep)[-keep:]
+                logp = torch.log_softmax(logits.float(), dim=-1)
+                first = keep - 1 - len(toks)
+                at = torch.arange(first, first + len(toks), device=logp.device)
+                scores[i][c] = float(logp[at, torch.tensor(toks, device=logp.device)].sum())
+        return scores
+
+    def _score_batched(
+        self, prompts: list[list[int]], cids: dict[str, list[int]]
+    ) -> list[dict[str, float]]:
+        """``score_batch_size`` prompts per forward (no prefix reuse)."""
+        longest = max(len(t) for t in cids.values())
+        scores: list[dict[str, float]] = [{} for _ in prompts]
+        order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+        if longest == 1:
+            vocab_ids = torch.tensor([cids[c][0] for c in cids], device=self.device)
+            for start in range(0, len(order), self.score_batch_size):
+                chunk = order[start : start + self.score_batch_size]
+                ids, mask, pos = _left_pad([prompts[i] for i in chunk], self.pad_id, self.device)
+                out = self._live()(
+                    input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=1
+                )
+                logp = torch.log_softmax(out.logits[:, -1, :].float(), dim=-1)
+                picked = logp[:, vocab_ids].tolist()
+                for i, values in zip(chunk, picked, strict=True):
+                    scores[i] = dict(zip(cids, values, strict=True))
+            return scores
+        pairs = [(i, c) for i in order for c in cids]
+        for start in range(0, len(pairs), self.score_batch_size):
+            chunk = pairs[start : start + self.score_batch_size]
+            seqs = [prompts[i] + cids[c] for i, c in chunk]
+            ids, mask, pos = _left_pad(seqs, self.pad_id, self.device)
+            # Rows end together (left padding), so the logits that predict each row's choice
+            # tokens are among the last longest+1 positions.
+            keep = longest + 1
+            out = self._live()(
+                input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=keep
+            )
+            logp = torch.log_softmax(out.logits.float(), dim=-1)
+            for r, (i, c) in enumerate(chunk):
+                toks = cids[c]
+                first = keep - 1 - len(toks)
+                at = torch.arange(first, first + len(toks), device=logp.device)
+                tok_t = torch.tensor(toks, device=logp.device)
+                scores[i][c] = float(logp[r, at, tok_t].sum())
+        return scores
 
     def close(self) -> None:
         """Drop the model and free its memory (CPU RAM and, on GPU, the CUDA cache)."""

@@ -43,6 +43,10 @@ class ScoreRequest:
     messages: Conversation
     choices: tuple[str, ...]
     template_hash: str | None = None
+    # Where the text shared with sibling requests ends (rlaif.backends.base.PrefixHint): a
+    # backend that reuses prefixes computes it once. Not part of the cache key: a function of
+    # ``messages`` and the siblings the same stage always builds with it.
+    prefix: tuple[int, int] | None = None
 
 
 @dataclass
@@ -309,7 +313,13 @@ class ModelCaller:
         return [GenResult(list(comps)) for comps in outs]
 
     def _backend_score(self, reqs: list[ScoreRequest]) -> list[ScoreResult]:
-        outs = self.backend.score_choices([r.messages for r in reqs], list(reqs[0].choices))
+        conversations, choices = [r.messages for r in reqs], list(reqs[0].choices)
+        if getattr(self.backend, "reuses_prefixes", False):
+            outs = self.backend.score_choices(
+                conversations, choices, prefixes=[r.prefix for r in reqs]
+            )
+        else:
+            outs = self.backend.score_choices(conversations, choices)
         results = []
         for s in outs:
             self.stats.prompt_tokens += s.prompt_tokens

@@ -42,7 +42,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from rlaif.backends.base import ChoiceScores, Conversation, SamplingParams
+from rlaif.backends.base import ChoiceScores, Conversation, SamplingParams, shared_prefix
 from rlaif.constitution import Constitution, Principle
 from rlaif.errors import ConfigError, RlaifError
 from rlaif.pipeline.calls import GenRequest, ScoreRequest
@@ -202,14 +202,18 @@ def judge_requests(
     """
     ctx = {"conversation": conversation, "principle": principle.to_dict(), "system": system}
     ctx["options"] = list(cfg.options)
-    reqs = []
-    for first, second in ((response_a, response_b), (response_b, response_a)):
-        r = book.render(TEMPLATES[cfg.mode], response_a=first, response_b=second, **ctx)
-        if cfg.mode == "logprob":
-            reqs.append(ScoreRequest(r.messages, cfg.options, r.template_hash))
-        else:
-            reqs.append(GenRequest(r.messages, cfg.sampling, r.template_hash))
-    return reqs[0], reqs[1]
+    renders = [
+        book.render(TEMPLATES[cfg.mode], response_a=first, response_b=second, **ctx)
+        for first, second in ((response_a, response_b), (response_b, response_a))
+    ]
+    if cfg.mode == "logprob":
+        # Both orders start with the same conversation; a backend that reuses prefixes
+        # computes it once per pair (and once for every principle the pair is judged under).
+        prefix = shared_prefix(renders[0].messages, renders[1].messages)
+        s1, s2 = (ScoreRequest(r.messages, cfg.options, r.template_hash, prefix) for r in renders)
+        return s1, s2
+    g1, g2 = (GenRequest(r.messages, cfg.sampling, r.template_hash) for r in renders)
+    return g1, g2
 
 
 # -- one order ----------------------------------------------------------------------------------
