@@ -236,6 +236,14 @@ def run_child(cmd: list[str], env: dict[str, str], out: Path, log: Path) -> dict
     return result
 
 
+def add_workload_args(ap: argparse.ArgumentParser) -> None:
+    """The CAI-32 workload's options (read by :func:`write_workload`)."""
+    ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    ap.add_argument("--prompts", type=int, default=32)
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--batch-size", type=int, default=16)
+
+
 def write_workload(work: Path, args: argparse.Namespace) -> tuple[Path, Path]:
     """The CAI-32 inputs in ``work``: the first ``args.prompts`` rows of ``args.data`` as
     ``prompts.jsonl`` and the pipeline over them as ``pipeline.yaml``."""
@@ -354,10 +362,7 @@ def report(summary: dict[str, Any]) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    ap.add_argument("--prompts", type=int, default=32)
-    ap.add_argument("--tokens", type=int, default=64)
-    ap.add_argument("--batch-size", type=int, default=16)
+    add_workload_args(ap)
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset")
     ap.add_argument(

@@ -28,7 +28,12 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.generation import DEFAULT_DATA, busy_threads, machine, write_workload  # noqa: E402
+from bench.generation import (  # noqa: E402
+    add_workload_args,
+    busy_threads,
+    machine,
+    write_workload,
+)
 
 
 def tree_digest(folder: Path) -> str:
@@ -62,10 +67,7 @@ def timed_cli(pipe: Path, run_dir: Path, env: dict[str, str]) -> float:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    ap.add_argument("--prompts", type=int, default=32)
-    ap.add_argument("--tokens", type=int, default=64)
-    ap.add_argument("--batch-size", type=int, default=16)
+    add_workload_args(ap)
     ap.add_argument("--reruns", type=int, default=3)
     ap.add_argument("--out", type=Path, help="write the figures as JSON here")
     args = ap.parse_args()
