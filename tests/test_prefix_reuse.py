@@ -102,6 +102,12 @@ def test_prefix_is_computed_once_per_pair_and_reused(tiny):
     # Other principles judge the same pair: the conversation prefix is already there.
     scores(tiny, requests(OTHER))
     assert tiny.prefix_kv.misses - misses == len(CONVS)
+    # reset_prefix_cache frees every prefix: the next pair is computed again.
+    assert tiny.prefix_kv.bytes > 0
+    tiny.reset_prefix_cache()
+    assert tiny.prefix_kv.bytes == 0 and tiny.prefix_kv.max_bytes > 0
+    scores(tiny, requests()[:2])
+    assert tiny.prefix_kv.misses - misses == len(CONVS) + 1
 
 
 def test_scores_do_not_depend_on_batching_order_or_cache_state(tiny):

@@ -15,7 +15,12 @@ pytest.importorskip("vllm")
 
 from rlaif.backends.base import SamplingParams
 from rlaif.backends.transformers_backend import TransformersBackend
-from rlaif.backends.vllm_backend import VLLMBackend
+from rlaif.backends.vllm_backend import (
+    CPU_BLOCK_SIZE,
+    CPU_KV_CACHE_BYTES,
+    VLLMBackend,
+    cpu_engine_defaults,
+)
 from rlaif.errors import BackendError
 from rlaif.testing import build_tiny_model
 
@@ -142,6 +147,21 @@ def test_score_choices_match_transformers(vb, tb, choices):
         for c in choices:
             assert g.logprobs[c] <= 0
             assert g.logprobs[c] == pytest.approx(w.logprobs[c], abs=TOL)
+    # From an empty prefix cache the prompts are computed again: the same scores.
+    vb.reset_prefix_cache()
+    again = vb.score_choices(CONVS, choices)
+    for g, a in zip(got, again, strict=True):
+        assert a.logprobs == pytest.approx(g.logprobs, abs=1e-4)
+
+
+def test_cpu_engine_takes_rlaif_defaults_unless_told(vb, monkeypatch):
+    assert vb._llm.llm_engine.vllm_config.cache_config.block_size == CPU_BLOCK_SIZE
+    assert cpu_engine_defaults() == {
+        "block_size": CPU_BLOCK_SIZE,
+        "kv_cache_memory_bytes": CPU_KV_CACHE_BYTES,
+    }
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "2")  # GiB: the environment wins
+    assert "kv_cache_memory_bytes" not in cpu_engine_defaults()
 
 
 def test_errors_are_backend_errors(vb):

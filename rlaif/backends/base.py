@@ -144,6 +144,9 @@ class Backend(abc.ABC):
         """Provenance of this backend for records and cards."""
         return {"backend": self.name, "model": self.model_id, "revision": self.model_revision}
 
+    def reset_prefix_cache(self) -> None:  # noqa: B027 - optional hook
+        """Forget cached prompt prefixes and free their memory; results do not change."""
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Free the model's memory."""
 

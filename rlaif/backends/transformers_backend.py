@@ -646,6 +646,10 @@ class TransformersBackend(LocalModelBackend):
                 scores[i][c] = float(logp[r, at, tok_t].sum())
         return scores
 
+    def reset_prefix_cache(self) -> None:
+        """Drop every cached judge prefix KV (``prefix_cache_mb`` stays as set)."""
+        self.prefix_kv.clear()
+
     def close(self) -> None:
         """Drop the model and free its memory (CPU RAM and, on GPU, the CUDA cache)."""
         if getattr(self, "model", None) is None:
