@@ -192,7 +192,11 @@ def test_dry_run_matches_a_real_run(tmp_path):
     run = tmp_path / "run"
     # calls: exactly the requests each model received
     assert policy.generated_requests == sum(by[s].calls for s in GEN_STEPS)
-    assert judge.scored_requests == by["judge"].calls == 6 * (1 + 3) * 2 * 2
+    # 6 prompts x (1 + 3) pairs x 2 principles x 2 orders, less a principle drawn twice for a
+    # pair (its identical requests are sent once)
+    dup = res.manifest.info["calls"]["judge-1"]["duplicates"]
+    assert dup > 0
+    assert judge.scored_requests == by["judge"].calls == 6 * (1 + 3) * 2 * 2 - dup
     assert res.manifest.info["calls"]["judge-2"]["requests"] == by["judge-2"].calls
     assert res.stats["requests"] == est.total.calls
     for step in GEN_STEPS:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -330,7 +331,8 @@ def test_rl_cai_chain_accounts_for_everything(tmp_path, pairs):
     # 8 CAI-SL pairs + 3 sampled pairs per prompt, each judged in both orders under 2 principles
     assert len(judged) == 8 + 8 * 3
     assert all(len(r["verdict"]["members"]) == 2 for r in judged)
-    assert res.stats["requests"] == 8 * 3 + 8 + len(judged) * 2 * 2
+    # a principle drawn twice for a pair is judged once
+    assert res.stats["requests"] + res.stats["duplicates"] == 8 * 3 + 8 + len(judged) * 2 * 2
     expected_inputs = 8 + (8 * 3 if pairs == "all" else 8)
     assert stats["inputs"] == expected_inputs
     assert stats["kept"] + sum(stats["filtered"].values()) == expected_inputs
@@ -393,3 +395,65 @@ def test_demo_runs_the_quickstart_through_the_run_command(tmp_path, capsys):
     assert main(["demo", *sets, "--out", str(out)]) == 0
     assert "sft: 2 rows" in capsys.readouterr().out
     assert (out / "export" / "sft.jsonl").is_file()
+
+
+# --- identical requests ------------------------------------------------------------------------
+
+
+def test_identical_requests_in_one_call_are_computed_once(tmp_path):
+    from rlaif.backends.base import SamplingParams
+    from rlaif.pipeline.calls import GenRequest, ModelCaller, ScoreRequest
+    from rlaif.store import CallCache
+
+    backend = FakeBackend(fail_marker="POISON")
+    caller = ModelCaller(
+        lambda: backend,
+        model="fake",
+        revision="0",
+        cache=CallCache(tmp_path / "calls.jsonl"),
+        batch_size=2,
+    )
+    conv = [[{"role": "user", "content": t}] for t in ("a?", "b?", "POISON?")]
+    params = SamplingParams(temperature=1.0, seed=5, max_new_tokens=8, n=2)
+    order = [0, 1, 0, 2, 0, 2]
+    seen: list[int] = []
+    out = caller.generate(
+        [GenRequest(conv[k], params) for k in order],
+        on_batch=lambda idx, res: seen.extend(idx),
+    )
+    # each distinct request answered once (calls holding POISON fail and are split up)
+    sent = [
+        c[0]["content"]
+        for _, convs in backend.history
+        if not any("POISON" in c[0]["content"] for c in convs)
+        for c in convs
+    ]
+    assert sent.count("a?") == sent.count("b?") == 1 and caller.stats.duplicates == 3
+    assert sorted(seen) == list(range(len(order)))  # every request saved once
+    assert out[0].completions == out[2].completions == out[4].completions
+    assert out[2] is not out[0] and out[2].completions[0] is not out[0].completions[0]
+    assert not out[3].ok and out[5].error == out[3].error  # a failure is every copy's
+    assert out[0].completions != out[1].completions
+    # Scoring: the same, and the cache keeps one entry per distinct request.
+    scores = caller.score([ScoreRequest(conv[k], ["A", "B"]) for k in (1, 1, 0)])
+    assert backend.scored_requests == 2 and caller.stats.duplicates == 4
+    assert scores[0].scores == scores[1].scores != scores[2].scores
+    assert len(caller.cache) == 4
+
+
+def test_a_principle_drawn_twice_is_judged_once(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("kr", ROOT / "bench" / "kill_resume.py")
+    assert spec is not None and spec.loader is not None
+    kr = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(kr)
+    pipe = kr.setup(tmp_path, "fake", prompts=4, tokens=16)
+    # 8 draws with replacement from the constitution's judge principles: repeats are certain
+    cfg = load_pipeline(pipe, ["stages.judge.principles_k=8", "constitution=harmless-for-kids"])
+    backend = FakeBackend()
+    res = run_pipeline(cfg, out=tmp_path / "run", backend=backend, stream=io.StringIO())
+    judged = [r for r in StageStore(tmp_path / "run", "judge", readonly=True).iter_records()]
+    members = sum(len(r["verdict"]["members"]) for r in judged)
+    assert res.stats["duplicates"] > 0
+    assert backend.scored_requests == 2 * members - res.stats["duplicates"]

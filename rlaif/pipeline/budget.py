@@ -18,8 +18,8 @@ cache hit costs nothing, and a request that fails costs nothing (it returns no u
 Where the total lives: a budgeted run keeps it in ``cache/usage.json`` next to the call cache,
 with the cache's length at that moment; a later run adds the answers cached after that point
 (by a run with no budget, or by one killed between the two writes). A run dir with no ledger
-is counted from its cache alone, where an identical request sent twice in one batch (a judge
-drawing the same principle twice) shows once.
+is counted from its cache alone (an identical request asked twice in one call is computed
+and charged once, so cache and ledger agree).
 """
 
 from __future__ import annotations

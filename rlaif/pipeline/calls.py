@@ -1,10 +1,11 @@
 """Every model call of a run goes through :class:`ModelCaller`.
 
-It answers identical calls from the cache, sends the rest to the backend in full batches
-sorted by prompt length, and isolates a bad request: when a batch raises, it is split in
-halves until the failing request stands alone, which is returned as an error while the rest
-go on. A :class:`~rlaif.errors.ModelError` (the backend itself is gone) is never isolated:
-it stops the run, and a resume continues from the last saved batch.
+It answers identical calls from the cache (and a request asked twice in one call from one
+computation), sends the rest to the backend in full batches sorted by prompt length, and
+isolates a bad request: when a batch raises, it is split in halves until the failing request
+stands alone, which is returned as an error while the rest go on. A
+:class:`~rlaif.errors.ModelError` (the backend itself is gone) is never isolated: it stops
+the run, and a resume continues from the last saved batch.
 
 With a :class:`~rlaif.pipeline.budget.Budget` attached, a batch is sent in parts whose
 worst-case usage still fits the caps, each saved and charged at its real usage; when not even
@@ -80,6 +81,7 @@ class CallStats:
     model_calls: int = 0  # backend.generate / score_choices invocations
     requests: int = 0  # requests sent to the backend
     cache_hits: int = 0
+    duplicates: int = 0  # requests answered by an identical one of the same call
     prompt_tokens: int = 0
     completion_tokens: int = 0
     errors: int = 0
@@ -222,12 +224,20 @@ class ModelCaller:
         results: list[Any] = [None] * len(requests)
         keys = [self.key(r) for r in requests]
         todo: list[int] = []
+        # A request identical to an earlier one of the same call (a judge drawing the same
+        # principle twice for a pair) is answered with that one's result: never computed twice.
+        first: dict[str, int] = {}
+        copies: dict[int, list[int]] = {}
         for i, k in enumerate(keys):
             hit = self.cache.get(k)
             if hit is not None:
                 results[i] = decode(hit)
                 self.stats.cache_hits += 1
+            elif k in first:
+                copies.setdefault(first[k], []).append(i)
+                self.stats.duplicates += 1
             else:
+                first[k] = i
                 todo.append(i)
         # One backend call per group of identical params; longest prompts first cut padding
         # waste and surface context-overflow errors early.
@@ -248,8 +258,12 @@ class ModelCaller:
                         self.budget.charge(sum((_usage(r) for r in out if r.ok), Usage()))
                     for i, r in zip(chunk, out, strict=True):
                         results[i] = r
+                        for c in copies.get(i, ()):
+                            # a fresh object, as a cache hit would give (errors are shared)
+                            results[c] = decode(encode(r)) if r.ok else r
                     if on_batch is not None:
-                        on_batch(chunk, out)
+                        same = [c for i in chunk for c in copies.get(i, ())]
+                        on_batch(chunk + same, out + [results[c] for c in same])
                     rest = rest[len(chunk) :]
         return results
 

@@ -392,10 +392,12 @@ class _Planner:
                         "revision": m.revision,
                     },
                 )
-                if self.view.record(name, rid) is not None:
-                    st.done += 2 * len(reqs)
-                    continue
-            for req in (r for rr in reqs for r in rr):
+            # A principle drawn twice gives identical requests, which the runner sends once.
+            distinct = list({p.id: rr for p, rr in zip(principles, reqs, strict=True)}.values())
+            if known and self.view.record(name, rid) is not None:
+                st.done += 2 * len(distinct)
+                continue
+            for req in (r for rr in distinct for r in rr):
                 if known and request_key(m.model, m.revision, req) in self.view.cache:
                     st.done += 1
                 else:
