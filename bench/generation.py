@@ -262,12 +262,13 @@ def write_workload(work: Path, args: argparse.Namespace) -> tuple[Path, Path]:
     return prompts, pipe
 
 
-def _key_value(item: str) -> tuple[str, Any]:
+def key_value(item: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` of a backend-option flag, the value read as YAML (``32``, ``true``)."""
     import yaml
 
     key, sep, value = item.partition("=")
     if not sep or not key:
-        raise SystemExit(f"--vllm-option expects KEY=VALUE, got {item!r}")
+        raise SystemExit(f"a backend option is KEY=VALUE, got {item!r}")
     return key, yaml.safe_load(value)
 
 
@@ -287,7 +288,7 @@ def prepare(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "pipeline": str(pipe),
         "batch_size": args.batch_size,
         "tokens": args.tokens,
-        "vllm_options": dict(_key_value(item) for item in args.vllm_option),
+        "vllm_options": dict(key_value(item) for item in args.vllm_option),
     }
     (work / "spec.json").write_text(json.dumps(spec, indent=2))
     inputs = distilabel_inputs(load_pipeline(pipe))

@@ -24,11 +24,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import yaml
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.generation import key_value  # noqa: E402
 from rlaif.backends import DEFAULT_MODEL, load_backend  # noqa: E402
 from rlaif.backends.base import SamplingParams  # noqa: E402
 from rlaif.constitution import load_constitution  # noqa: E402
@@ -104,11 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     constitution = load_constitution(args.constitution)
     t0 = time.perf_counter()
     options = {"batch_size": args.batch_size} if args.backend == "transformers" else {}
-    for item in args.option:
-        key, sep, value = item.partition("=")
-        if not sep:
-            ap.error(f"--option expects KEY=VALUE, got {item!r}")
-        options[key] = yaml.safe_load(value)
+    options.update(key_value(item) for item in args.option)
     backend = load_backend(args.backend, args.model, **options)
     load_s = time.perf_counter() - t0
     # Warm-up outside the timings: first calls pay for kernel selection and allocations.

@@ -77,10 +77,10 @@ def test_child_env_and_commands(tmp_path):
     assert cmd[cmd.index("--batch-size") + 1] == "0"
     cmd = generation.command("raw-vllm", spec, tmp_path, tmp_path / "o.json", None)
     assert cmd[-3:] == ["raw-vllm", str(tmp_path), str(tmp_path / "o.json")]
-    assert generation._key_value("block_size=32") == ("block_size", 32)
-    assert generation._key_value("enforce_eager=true") == ("enforce_eager", True)
+    assert generation.key_value("block_size=32") == ("block_size", 32)
+    assert generation.key_value("enforce_eager=true") == ("enforce_eager", True)
     with pytest.raises(SystemExit, match="KEY=VALUE"):
-        generation._key_value("block_size")
+        generation.key_value("block_size")
     assert generation.busy_threads() >= 1
     assert generation.machine()["cores"] >= 1
 
