@@ -183,17 +183,22 @@ def test_prefix_cache_off_scores_exactly_as_one_forward(tiny_model_dir):
         TransformersBackend(str(tiny_model_dir), prefix_cache_mb=-1)
 
 
+def caller_over(backend, like, cache_path) -> ModelCaller:
+    """A ModelCaller over ``backend`` keyed as ``like`` (model id and revision)."""
+    return ModelCaller(
+        lambda: backend,
+        model=like.model_id,
+        revision=like.model_revision,
+        cache=CallCache(cache_path),
+        batch_size=4,
+    )
+
+
 def test_caller_passes_hints_only_to_backends_that_take_them(tiny, tmp_path):
     reqs = requests()
     tiny.prefix_kv.clear()
     before = tiny.prefix_kv.reused_tokens
-    caller = ModelCaller(
-        lambda: tiny,
-        model=tiny.model_id,
-        revision=tiny.model_revision,
-        cache=CallCache(tmp_path / "calls.jsonl"),
-        batch_size=4,
-    )
+    caller = caller_over(tiny, tiny, tmp_path / "calls.jsonl")
     results = caller.score(reqs)
     caller.cache.close()
     assert all(r.ok for r in results)
@@ -208,12 +213,6 @@ def test_caller_passes_hints_only_to_backends_that_take_them(tiny, tmp_path):
 
     plain = TwoArgs.__new__(TwoArgs)
     plain.__dict__.update(tiny.__dict__)
-    caller = ModelCaller(
-        lambda: plain,
-        model=tiny.model_id,
-        revision=tiny.model_revision,
-        cache=CallCache(tmp_path / "calls2.jsonl"),
-        batch_size=4,
-    )
+    caller = caller_over(plain, tiny, tmp_path / "calls2.jsonl")
     assert all(r.ok for r in caller.score(reqs))
     caller.cache.close()

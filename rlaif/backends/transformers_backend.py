@@ -171,6 +171,21 @@ class _PrefixKV:
         self.bytes = 0
 
 
+def _prefill(
+    model: Any, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: Any
+) -> Any:
+    """One forward over (left-padded) prompts that fills ``cache``; logits of the last position
+    only."""
+    return model(
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=pos,
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+
+
 NUCLEUS_PREFIX = 1024  # top-p looks for its nucleus among this many tokens first
 
 
@@ -387,15 +402,7 @@ class TransformersBackend(LocalModelBackend):
         kv = self.prefix_kv.get(key)
         if kv is None:
             cache = DynamicCache(config=model.config)
-            ids, mask, pos = _left_pad([seq[:split]], self.pad_id, dev)
-            model(
-                input_ids=ids,
-                attention_mask=mask,
-                position_ids=pos,
-                past_key_values=cache,
-                use_cache=True,
-                logits_to_keep=1,
-            )
+            _prefill(model, *_left_pad([seq[:split]], self.pad_id, dev), cache)
             kv = tuple((layer.keys, layer.values) for layer in cache.layers)
             self.prefix_kv.put(key, kv)
         else:
@@ -435,15 +442,7 @@ class TransformersBackend(LocalModelBackend):
         if not params.greedy:
             generators = [torch.Generator(device=dev).manual_seed(s) for s in seeds]
         cache = DynamicCache(config=model.config)
-        out = model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=pos,
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        logits = out.logits[:, -1, :]
+        logits = _prefill(model, ids, mask, pos, cache).logits[:, -1, :]
         next_pos = pos[:, -1] + 1
         active = list(range(len(prompts)))
         tokens: list[list[int]] = [[] for _ in prompts]
