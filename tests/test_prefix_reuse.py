@@ -8,7 +8,7 @@ import pytest
 
 from rlaif.backends import TransformersBackend
 from rlaif.backends.base import shared_prefix
-from rlaif.backends.transformers_backend import MIN_PREFIX_TOKENS
+from rlaif.backends.prefix_cache import MIN_PREFIX_TOKENS
 from rlaif.constitution import Principle
 from rlaif.pipeline.calls import GenRequest, ModelCaller, ScoreRequest
 from rlaif.prompts import PromptBook

@@ -1,7 +1,8 @@
 """The OpenAI-compatible backend: any server that speaks ``/v1/chat/completions``.
 
 vLLM's ``vllm serve``, llama.cpp's server, TGI and hosted APIs answer the same JSON, so one
-client covers them, on the standard library alone (``http.client``, keep-alive per thread).
+client covers them. This module holds the request format and the options; the HTTP layer
+(keep-alive per thread, retries, masking) is :mod:`rlaif.backends.http_transport`.
 
 * **Retries**: connection errors, timeouts, HTTP 408/409/429/5xx are retried ``max_retries``
   times with exponential backoff and full jitter (``Retry-After`` honoured). Records are
@@ -23,42 +24,24 @@ client covers them, on the standard library alone (``http.client``, keep-alive p
 
 from __future__ import annotations
 
-import http.client
 import json
 import logging
 import math
 import os
-import random
-import ssl
 import threading
-import time
 import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
 
 from rlaif.backends.base import Backend, ChoiceScores, Completion, Conversation, SamplingParams
+from rlaif.backends.http_transport import HttpClient
 from rlaif.errors import BackendError, ModelError
 
 log = logging.getLogger(__name__)
 
-_RETRY_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
-# Statuses that say the server or the account is unavailable, not this request.
-_RUN_STATUS = frozenset({429, 502, 503, 504})
 _SCORE_MODES = ("auto", "token_ids", "top")
 _MAX_TOP_LOGPROBS = 20  # the OpenAI API's limit, and vLLM's default --max-logprobs
-# What a keep-alive connection the server closed while idle raises on its next use.
-_STALE = (BrokenPipeError, ConnectionResetError, http.client.RemoteDisconnected)
-
-
-class _Retryable(Exception):
-    """One failed attempt that may succeed when tried again."""
-
-    def __init__(self, reason: str, status: int | None = None, wait: float | None = None):
-        super().__init__(reason)
-        self.reason = reason
-        self.status = status
-        self.wait = wait
 
 
 @dataclass
@@ -74,19 +57,6 @@ class Usage:
 
     def to_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
-
-
-def _one_line(text: Any, limit: int = 300) -> str:
-    return " ".join(str(text).split())[:limit]
-
-
-def _safe_url(url: urllib.parse.SplitResult) -> str:
-    """The base URL without user info, query or fragment (places a secret could hide)."""
-    host = url.hostname or ""
-    if ":" in host:  # IPv6 literal
-        host = f"[{host}]"
-    port = f":{url.port}" if url.port else ""
-    return f"{url.scheme}://{host}{port}{url.path.rstrip('/')}"
 
 
 class OpenAIBackend(Backend):
@@ -189,12 +159,6 @@ class OpenAIBackend(Backend):
             )
         self.model_id = str(model).strip()
         self.model_revision = revision
-        self._url = parts
-        self.base_url = _safe_url(parts)
-        self._api_key = api_key
-        self._headers = {"Content-Type": "application/json", **(headers or {})}
-        if api_key:
-            self._headers["Authorization"] = f"Bearer {api_key}"
         self.max_concurrency = max_concurrency
         self.timeout = float(timeout)
         self.connect_timeout = float(connect_timeout)
@@ -205,8 +169,20 @@ class OpenAIBackend(Backend):
         self.top_logprobs = top_logprobs
         self.extra_body = dict(extra_body or {})
         self.usage = Usage()
+        self._http = HttpClient(
+            parts,
+            model=self.model_id,
+            api_key=api_key,
+            headers=headers,
+            timeout=self.timeout,
+            connect_timeout=self.connect_timeout,
+            max_retries=max_retries,
+            backoff=self.backoff,
+            max_backoff=self.max_backoff,
+            counters=self.usage,
+        )
+        self.base_url = self._http.base_url
         self._lock = threading.Lock()
-        self._local = threading.local()
         self._pool: ThreadPoolExecutor | None = ThreadPoolExecutor(
             max_workers=max_concurrency, thread_name_prefix="rlaif-openai"
         )
@@ -216,126 +192,12 @@ class OpenAIBackend(Backend):
         self._kept: dict[str, dict[str, Any]] = {}
         self._max_context = max_context if max_context is not None else self._probe_models()
 
-    # -- HTTP ------------------------------------------------------------------------------
-
-    def _mask(self, text: str) -> str:
-        return text.replace(self._api_key, "***") if self._api_key else text
-
-    def _connection(self) -> http.client.HTTPConnection:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            host, port = self._url.hostname or "", self._url.port
-            if self._url.scheme == "https":
-                conn = http.client.HTTPSConnection(
-                    host, port, timeout=self.connect_timeout, context=ssl.create_default_context()
-                )
-            else:
-                conn = http.client.HTTPConnection(host, port, timeout=self.connect_timeout)
-            conn.connect()
-            if conn.sock is not None:  # connect with the short timeout, then wait longer
-                conn.sock.settimeout(self.timeout)
-            self._local.conn = conn
-        return conn
-
-    def _drop_connection(self) -> None:
-        conn = getattr(self._local, "conn", None)
-        self._local.conn = None
-        if conn is not None:
-            conn.close()
-
-    def _attempt(self, method: str, path: str, body: bytes | None) -> tuple[int, bytes, Any]:
-        """One HTTP exchange; network failures raise :class:`_Retryable`."""
-        reused = getattr(self._local, "conn", None) is not None
-        try:
-            conn = self._connection()
-            conn.request(method, path, body, self._headers)
-            resp = conn.getresponse()
-            data = resp.read()
-        except (OSError, http.client.HTTPException) as exc:
-            # The connection is unusable after any of these; the next attempt opens a new one.
-            self._drop_connection()
-            if reused and isinstance(exc, _STALE):
-                # A keep-alive connection the server had closed while idle: not a failure.
-                return self._attempt(method, path, body)
-            kind = "timed out" if isinstance(exc, TimeoutError) else "connection failed"
-            raise _Retryable(f"{kind}: {type(exc).__name__}: {_one_line(exc, 160)}") from None
-        if resp.will_close:
-            self._drop_connection()
-        return resp.status, data, resp.headers
-
-    def _request(
-        self, method: str, path: str, payload: dict[str, Any] | None, *, root: bool = False
-    ) -> dict[str, Any]:
-        """Send with bounded retries; return the decoded JSON answer.
-
-        ``path`` is under the base URL (``/chat/completions``), or with ``root`` under the
-        server's root (vLLM's ``/tokenize``: the base URL less its ``/v1``).
-
-        Raises:
-            BackendError: the request's own fault, or a failure that outlasted the retries
-                without saying the server is gone.
-            ModelError: the server is unreachable, overloaded or refuses the key or model.
-        """
-        body = None if payload is None else json.dumps(payload).encode("utf-8")
-        base = self._url.path.rstrip("/")
-        url_path = (base.removesuffix("/v1") if root else base) + path
-        last: _Retryable | None = None
-        for attempt in range(self.max_retries + 1):
-            if attempt:
-                with self._lock:
-                    self.usage.retries += 1
-                time.sleep(self._delay(attempt, last))
-            try:
-                status, data, headers = self._attempt(method, url_path, body)
-            except _Retryable as exc:
-                log.debug("%s %s: %s", method, path, exc.reason)
-                last = exc
-                continue
-            if status == 200:
-                try:
-                    return json.loads(data)
-                except ValueError:
-                    raise self._fail(BackendError, f"{path}: the answer is not JSON") from None
-            message = self._mask(_error_message(data))
-            if status in _RETRY_STATUS:
-                last = _Retryable(f"HTTP {status}: {message}", status, _retry_after(headers))
-                continue
-            if status in (401, 403):
-                why = "refused the API key" if self._api_key else "needs an API key (api_key_env)"
-                raise self._fail(ModelError, f"the server {why} (HTTP {status})", status)
-            if status == 404:
-                raise self._fail(
-                    ModelError,
-                    f"{path} answered HTTP 404 for model '{self.model_id}': {message}",
-                    status,
-                )
-            raise self._fail(BackendError, f"HTTP {status}: {message}", status)
-        assert last is not None
-        gone = last.status is None and not last.reason.startswith("timed out")
-        kind = ModelError if gone or last.status in _RUN_STATUS else BackendError
-        raise self._fail(
-            kind,
-            f"{path}: {self.max_retries + 1} attempts failed, the last: {last.reason}",
-            last.status,
-        )
-
-    def _fail(self, kind: type[Exception], message: str, status: int | None = None) -> Exception:
-        with self._lock:
-            self.usage.failures += 1
-        error = kind(self._mask(f"server {self.base_url}: {message}"))
-        error.status = status  # type: ignore[attr-defined]
-        return error
-
-    def _delay(self, attempt: int, last: _Retryable | None) -> float:
-        cap = min(self.max_backoff, self.backoff * 2 ** (attempt - 1))
-        if last is not None and last.wait is not None:
-            return min(self.max_backoff, max(last.wait, cap))
-        return random.uniform(0, cap)  # full jitter: retries of many workers spread out
+    # -- requests ------------------------------------------------------------------------------
 
     def _probe_models(self) -> int | None:
         """Check the server answers; return the model's context length if it says."""
         try:
-            listing = self._request("GET", "/models", None)
+            listing = self._http.request("GET", "/models", None)
         except BackendError:  # e.g. a server without /models: generation may still work
             return None
         except ModelError as exc:
@@ -371,7 +233,7 @@ class OpenAIBackend(Backend):
             kept = self._kept.pop(key, None)
         if kept is not None:
             return kept
-        answer = self._request("POST", "/chat/completions", payload)
+        answer = self._http.request("POST", "/chat/completions", payload)
         usage = answer.get("usage") or {}
         with self._lock:
             self.usage.requests += 1
@@ -521,7 +383,7 @@ class OpenAIBackend(Backend):
             if c in self._token_ids:
                 continue
             try:
-                answer = self._request(
+                answer = self._http.request(
                     "POST",
                     "/tokenize",
                     {"model": self.model_id, "prompt": c, "add_special_tokens": False},
@@ -603,28 +465,8 @@ class OpenAIBackend(Backend):
         pool, self._pool = self._pool, None
         if pool is not None:
             pool.shutdown(wait=True)
+        self._http.close()
 
 
 def _int(value: Any) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
-
-
-def _error_message(data: bytes) -> str:
-    """The ``error.message`` of an OpenAI-style error body, else the body's start."""
-    text = data.decode("utf-8", errors="replace")
-    try:
-        err = json.loads(text)
-        if isinstance(err, dict):
-            inner = err.get("error", err)
-            text = str(inner.get("message", inner) if isinstance(inner, dict) else inner)
-    except ValueError:
-        pass
-    return _one_line(text, 300)
-
-
-def _retry_after(headers: Any) -> float | None:
-    try:
-        value = float(headers.get("Retry-After", ""))
-    except (TypeError, ValueError, AttributeError):
-        return None
-    return value if value >= 0 and math.isfinite(value) else None

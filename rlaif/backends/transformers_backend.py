@@ -25,6 +25,7 @@ Conventions every backend must match (the vLLM backend reuses the helpers below)
   siblings skip it. The split is a function of the request alone, and a cached prefix holds
   exactly what computing it again would, so scores stay independent of batching, call order
   and cache state; they differ from an unsplit forward in the last digits (~1e-5 in log-prob).
+  The split, the LRU and the split forward are :mod:`rlaif.backends.prefix_cache`.
 * **Context**: a prompt (plus the longest choice when scoring) that leaves no room in
   ``max_position_embeddings`` raises :class:`BackendError` naming the request index;
   generation stops with ``"length"`` when the context fills up.
@@ -33,10 +34,7 @@ Conventions every backend must match (the vLLM backend reuses the helpers below)
 from __future__ import annotations
 
 import gc
-import hashlib
 import logging
-import os
-from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
@@ -50,141 +48,12 @@ from rlaif.backends.base import (
     SamplingParams,
 )
 from rlaif.backends.local import LocalModelBackend, choice_ids
+from rlaif.backends.prefix_cache import PrefixKV, forward_tail, plain_kv_cache, split_point
 from rlaif.backends.resolve import DEFAULT_MODEL, resolve_model
+from rlaif.backends.torch_utils import cpu_threads, left_pad, pick_device, pick_dtype, prefill
 from rlaif.errors import BackendError, ModelError
 
 log = logging.getLogger(__name__)
-
-_DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-}
-# fp32 on CPU: there greedy output is bit-identical whatever the batch size (the cache key
-# leaves batch size out), while bf16 changed 7-10 of 16 SmolLM2 greedy replies between batch
-# 1 and batch 5/16. bf16 was up to ~1.3x faster on an AVX-512-bf16 EPYC, not worth that.
-CPU_AUTO_DTYPE = torch.float32
-
-
-def _pick_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(device)
-    except RuntimeError as exc:
-        raise ModelError(f"unknown device {device!r}", field="device") from exc
-
-
-def _pick_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return CPU_AUTO_DTYPE
-    if dtype not in _DTYPES:
-        raise ModelError(
-            f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16", field="dtype"
-        )
-    return _DTYPES[dtype]
-
-
-def cpu_threads() -> int:
-    """Torch CPU threads to use: one per idle core, at least one.
-
-    OpenMP threads spin at each barrier waiting for their peers; when another process holds
-    a core, a peer is descheduled and every barrier costs a scheduler slice. Measured on a
-    2-core machine with another process using ~1.3 cores: SmolLM2 greedy at batch 8 ran at
-    2-5 tok/s with 2 threads and 45-65 tok/s with 1 thread; on an idle machine 2 threads
-    are the faster. So threads = cores minus the 1-minute load average, never more than
-    torch's default. ``OMP_NUM_THREADS`` set by the user always wins.
-    """
-    default = torch.get_num_threads()
-    if os.environ.get("OMP_NUM_THREADS"):
-        return default
-    try:
-        cores = len(os.sched_getaffinity(0))
-        busy = os.getloadavg()[0]
-    except (AttributeError, OSError):  # not Linux / no load average: keep torch's choice
-        return default
-    return max(1, min(default, cores - round(busy)))
-
-
-def _left_pad(seqs: Sequence[list[int]], pad_id: int, device: torch.device):
-    """(input_ids, attention_mask, position_ids) for left-padded ``seqs``."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for r, s in enumerate(seqs):
-        ids[r, width - len(s) :] = torch.tensor(s, dtype=torch.long)
-        mask[r, width - len(s) :] = 1
-    # Positions count real tokens only, so a row's numbers don't depend on its padding.
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    return ids.to(device), mask.to(device), pos.to(device)
-
-
-# A marked prefix shorter than this is not split off: a second forward costs about as much
-# as this many prompt tokens on a CPU (each forward reads every weight once).
-MIN_PREFIX_TOKENS = 32
-_MARK = "\ue000"  # private-use character that locates a prefix hint in the rendered prompt
-
-
-class _PrefixKV:
-    """LRU of prompt-prefix KV tensors, keyed by a hash of the prefix's token ids, bounded
-    in bytes; an entry is a tuple of (keys, values) per layer, never modified after storing."""
-
-    def __init__(self, max_bytes: int) -> None:
-        self.max_bytes = max_bytes
-        self.bytes = 0
-        self._items: OrderedDict[str, tuple[tuple[tuple[Any, Any], ...], int]] = OrderedDict()
-        self.hits = self.misses = 0
-        self.reused_tokens = 0
-
-    @staticmethod
-    def key(ids: Sequence[int]) -> str:
-        return hashlib.blake2b(repr(list(ids)).encode(), digest_size=16).hexdigest()
-
-    def get(self, key: str) -> Any:
-        item = self._items.get(key)
-        if item is None:
-            self.misses += 1
-            return None
-        self._items.move_to_end(key)
-        self.hits += 1
-        return item[0]
-
-    def put(self, key: str, kv: tuple[tuple[Any, Any], ...]) -> None:
-        size = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in kv)
-        if size > self.max_bytes:
-            return
-        self._items[key] = (kv, size)
-        self.bytes += size
-        while self.bytes > self.max_bytes:
-            _, (_, old) = self._items.popitem(last=False)
-            self.bytes -= old
-
-    def clear(self) -> None:
-        self._items.clear()
-        self.bytes = 0
-
-
-def _prefill(
-    model: Any, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache: Any
-) -> Any:
-    """One forward over (left-padded) prompts that fills ``cache``; logits of the last position
-    only."""
-    return model(
-        input_ids=ids,
-        attention_mask=mask,
-        position_ids=pos,
-        past_key_values=cache,
-        use_cache=True,
-        logits_to_keep=1,
-    )
-
 
 NUCLEUS_PREFIX = 1024  # top-p looks for its nucleus among this many tokens first
 
@@ -277,12 +146,12 @@ class TransformersBackend(LocalModelBackend):
             raise ModelError("score_batch_size must be >= 1", field="score_batch_size")
         if not prefix_cache_mb >= 0:
             raise ModelError("prefix_cache_mb must be >= 0", field="prefix_cache_mb")
-        self.prefix_kv = _PrefixKV(int(prefix_cache_mb * (1 << 20)))
+        self.prefix_kv = PrefixKV(int(prefix_cache_mb * (1 << 20)))
         self.resolved = resolve_model(model, revision=revision, trust_remote_code=trust_remote_code)
         self.model_id = model
         self.model_revision = self.resolved.revision
-        self.device = _pick_device(device)
-        self.dtype = _pick_dtype(dtype, self.device)
+        self.device = pick_device(device)
+        self.dtype = pick_dtype(dtype, self.device)
         self.batch_size = batch_size
         self.score_batch_size = score_batch_size
         if num_threads or self.device.type == "cpu":
@@ -311,7 +180,7 @@ class TransformersBackend(LocalModelBackend):
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else eos[0]
         self._max_context = getattr(self.model.config, "max_position_embeddings", None)
-        self._splittable = self._plain_kv_cache()
+        self._splittable = plain_kv_cache(self.model.config)
         log.info(
             "loaded %s (%s) on %s as %s, %d CPU threads",
             model,
@@ -328,97 +197,23 @@ class TransformersBackend(LocalModelBackend):
             raise BackendError("the transformers backend is closed")
         return self.model
 
-    def _plain_kv_cache(self) -> bool:
-        """True if every layer keeps a plain, growing KV cache (no sliding window, no
-        recurrent state), so a prefix's cache can be stored and continued from."""
-        from transformers import DynamicCache
-        from transformers.cache_utils import DynamicLayer
-
-        try:
-            layers = DynamicCache(config=self.model.config).layers
-        except Exception:  # an unusual cache layout: do not split
-            return False
-        return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
-
     def _split_at(self, conversation: Conversation, ids: list[int], hint: PrefixHint | None) -> int:
-        """Prompt tokens before the hinted point (0: no split), from the request alone.
-
-        The hint is located by rendering the prompt with a marker character at that point;
-        the split follows the last line break before it (tokens can merge across the point
-        differently in each sibling, not across a line break). No split when the marker
-        cannot be placed, the tokens differ from the prompt's, or the prefix is short.
-        """
+        """Prompt tokens before the hinted point (0: no split); see :func:`split_point`."""
         if hint is None or not self._splittable or self.prefix_kv.max_bytes == 0:
             return 0
-        try:
-            index, offset = int(hint[0]), int(hint[1])
-        except (TypeError, ValueError, IndexError):
-            return 0
-        if not 0 <= index < len(conversation):
-            return 0
-        content = conversation[index].get("content")
-        if not isinstance(content, str) or not 0 <= offset <= len(content):
-            return 0
-        if any(_MARK in str(m.get("content", "")) for m in conversation):
-            return 0
-        marked = [dict(m) for m in conversation]
-        marked[index]["content"] = content[:offset] + _MARK + content[offset:]
-        try:
-            text = self.tokenizer.apply_chat_template(
-                marked, add_generation_prompt=True, tokenize=False
-            )
-            at = text.find(_MARK)
-            if at < 0 or text.count(_MARK) != 1:
-                return 0
-            plain = text.replace(_MARK, "")
-            enc = self.tokenizer(plain, add_special_tokens=False, return_offsets_mapping=True)
-        except Exception:  # no offsets (slow tokenizer) or a template that rejects the mark
-            return 0
-        if list(enc["input_ids"]) != ids:
-            return 0
-        # The split goes after the last token that ends a line before the hint: what follows
-        # the hint differs between siblings and can merge with the tokens just before it
-        # ("A. Apologise" / "A. Hide" tokenize ". " differently), never across a line break.
-        k = 0
-        for n, (_, end) in enumerate(enc["offset_mapping"]):
-            if end > at:
-                break
-            if end and plain[end - 1] == "\n":
-                k = n + 1
-        return k if MIN_PREFIX_TOKENS <= k < len(ids) - 1 else 0
+        return split_point(self.tokenizer, conversation, ids, hint)
 
     def _forward_tail(self, seq: list[int], split: int, keep: int) -> torch.Tensor:
-        """Logits of the last ``keep`` positions of ``seq`` (one row, no padding): one
-        forward, or with ``split`` > 0 the prefix's KV (cached or computed now) + the rest."""
-        from transformers import DynamicCache
-
-        model, dev = self._live(), self.device
-        if split == 0:
-            ids, mask, pos = _left_pad([seq], self.pad_id, dev)
-            return model(
-                input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=keep
-            ).logits[0]
-        key = self.prefix_kv.key(seq[:split])
-        kv = self.prefix_kv.get(key)
-        if kv is None:
-            cache = DynamicCache(config=model.config)
-            _prefill(model, *_left_pad([seq[:split]], self.pad_id, dev), cache)
-            kv = tuple((layer.keys, layer.values) for layer in cache.layers)
-            self.prefix_kv.put(key, kv)
-        else:
-            self.prefix_kv.reused_tokens += split
-        cache = DynamicCache(config=model.config)
-        for layer, (k, v) in enumerate(kv):
-            cache.update(k, v, layer)  # copies: the stored tensors stay as they were
-        n = len(seq)
-        return model(
-            input_ids=torch.tensor([seq[split:]], device=dev),
-            attention_mask=torch.ones((1, n), dtype=torch.long, device=dev),
-            position_ids=torch.arange(split, n, device=dev).unsqueeze(0),
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=keep,
-        ).logits[0]
+        """Logits of the last ``keep`` positions of ``seq``; see :func:`forward_tail`."""
+        return forward_tail(
+            self._live(),
+            seq,
+            split,
+            keep,
+            pad_id=self.pad_id,
+            device=self.device,
+            prefixes=self.prefix_kv,
+        )
 
     def _stopped(self, tokens: list[int], stop: tuple[str, ...], window: int) -> bool:
         # A stop string of k characters spans at most k (+ partial-UTF-8) tokens.
@@ -433,7 +228,7 @@ class TransformersBackend(LocalModelBackend):
 
         model = self._live()
         dev = self.device
-        ids, mask, pos = _left_pad(prompts, self.pad_id, dev)
+        ids, mask, pos = left_pad(prompts, self.pad_id, dev)
         ctx = self._max_context or 1 << 62
         limits = [min(params.max_new_tokens, ctx - len(p)) for p in prompts]
         stop = tuple(s for s in params.stop if s)
@@ -442,7 +237,7 @@ class TransformersBackend(LocalModelBackend):
         if not params.greedy:
             generators = [torch.Generator(device=dev).manual_seed(s) for s in seeds]
         cache = DynamicCache(config=model.config)
-        logits = _prefill(model, ids, mask, pos, cache).logits[:, -1, :]
+        logits = prefill(model, ids, mask, pos, cache).logits[:, -1, :]
         next_pos = pos[:, -1] + 1
         active = list(range(len(prompts)))
         tokens: list[list[int]] = [[] for _ in prompts]
@@ -616,7 +411,7 @@ class TransformersBackend(LocalModelBackend):
             vocab_ids = torch.tensor([cids[c][0] for c in cids], device=self.device)
             for start in range(0, len(order), self.score_batch_size):
                 chunk = order[start : start + self.score_batch_size]
-                ids, mask, pos = _left_pad([prompts[i] for i in chunk], self.pad_id, self.device)
+                ids, mask, pos = left_pad([prompts[i] for i in chunk], self.pad_id, self.device)
                 out = self._live()(
                     input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=1
                 )
@@ -629,7 +424,7 @@ class TransformersBackend(LocalModelBackend):
         for start in range(0, len(pairs), self.score_batch_size):
             chunk = pairs[start : start + self.score_batch_size]
             seqs = [prompts[i] + cids[c] for i, c in chunk]
-            ids, mask, pos = _left_pad(seqs, self.pad_id, self.device)
+            ids, mask, pos = left_pad(seqs, self.pad_id, self.device)
             # Rows end together (left padding), so the logits that predict each row's choice
             # tokens are among the last longest+1 positions.
             keep = longest + 1
