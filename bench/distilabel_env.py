@@ -85,8 +85,8 @@ def distilabel_inputs(cfg: Any) -> dict[str, Any]:
     """The rows distilabel gets for a CAI pipeline config, plus rlaif's answer-cleaning regex."""
     from rlaif.backends.base import SamplingParams
     from rlaif.constitution import load_constitution
-    from rlaif.pipeline.sources import read_prompts
     from rlaif.prompts import PromptBook
+    from rlaif.sources import read_prompts
     from rlaif.stages import critique as cai
 
     p, stage = cfg.prompts, cfg.stages.critique_revise

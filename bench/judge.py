@@ -30,9 +30,9 @@ sys.path.insert(0, str(ROOT))
 from bench.generation import key_value  # noqa: E402
 from rlaif.backends import DEFAULT_MODEL, load_backend  # noqa: E402
 from rlaif.backends.base import SamplingParams  # noqa: E402
+from rlaif.calls.caller import ModelCaller  # noqa: E402
 from rlaif.constitution import load_constitution  # noqa: E402
 from rlaif.evaluate import audit_metrics, read_comparisons, run_audit  # noqa: E402
-from rlaif.pipeline.calls import ModelCaller  # noqa: E402
 from rlaif.stages.judge import JudgeConfig  # noqa: E402
 from rlaif.store import CallCache  # noqa: E402
 

@@ -6,8 +6,6 @@ backend is actually used)::
     from rlaif import load_constitution, PromptBook, load_pipeline, run_pipeline
 """
 
-__version__ = "0.1.0"
-
 from rlaif.backends import (
     DEFAULT_MODEL,
     Backend,
@@ -27,6 +25,7 @@ from rlaif.errors import ConfigError, DataError, ModelError, RlaifError
 from rlaif.pipeline import PipelineConfig, load_pipeline, read_prompts, run_pipeline
 from rlaif.prompts import PromptBook, RenderedPrompt
 from rlaif.stages.judge import JudgeConfig, Verdict
+from rlaif.version import __version__
 
 __all__ = [
     "DEFAULT_MODEL",

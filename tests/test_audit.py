@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 
 from rlaif.backends.fake import FakeBackend
+from rlaif.calls.caller import ModelCaller
 from rlaif.cli.main import main
 from rlaif.constitution import load_constitution
 from rlaif.errors import ConfigError, DataError
 from rlaif.evaluate import audit_metrics, read_comparisons, run_audit, wilson
 from rlaif.evaluate.plots import PLOTS, audit_report, format_table, write_audit
-from rlaif.pipeline.calls import ModelCaller
 from rlaif.stages.judge import JudgeConfig
 from rlaif.store import CallCache
 

@@ -9,10 +9,7 @@ from pathlib import Path
 import pytest
 
 from rlaif.backends import Completion, FakeBackend
-from rlaif.cli.main import main
-from rlaif.errors import ConfigError
-from rlaif.pipeline import load_pipeline, run_pipeline
-from rlaif.pipeline.budget import (
+from rlaif.calls.budget import (
     EXIT_BUDGET,
     Budget,
     BudgetExceeded,
@@ -21,7 +18,10 @@ from rlaif.pipeline.budget import (
     usage_in_cache,
     usage_of_completions,
 )
-from rlaif.pipeline.config import BudgetConfig
+from rlaif.cli.main import main
+from rlaif.config.schema import BudgetConfig
+from rlaif.errors import ConfigError
+from rlaif.pipeline import load_pipeline, run_pipeline
 from rlaif.pipeline.estimate import estimate_pipeline
 from rlaif.store import StageStore
 

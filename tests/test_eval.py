@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from rlaif.backends.fake import FakeBackend
+from rlaif.calls.caller import ModelCaller
 from rlaif.cli.main import main
 from rlaif.constitution import load_constitution
 from rlaif.evaluate.policy_eval import (
@@ -22,8 +23,7 @@ from rlaif.evaluate.policy_eval import (
     run_eval,
     write_eval,
 )
-from rlaif.pipeline.calls import ModelCaller
-from rlaif.pipeline.sources import read_prompts
+from rlaif.sources import read_prompts
 from rlaif.store import CallCache
 
 FIX = Path(__file__).parent / "fixtures" / "eval"
@@ -145,6 +145,21 @@ def test_metrics_by_hand(tmp_path: Path) -> None:
     assert pf2.calls == bf2.calls == 0 and not policy2.loaded and not baseline2.loaded
     assert eval_metrics(rows2) == m
     cache.close()
+
+
+def test_harm_check_template_is_overridable(tmp_path: Path) -> None:
+    """A templates folder with its own harm_check.jinja changes the question and its hash."""
+    from rlaif.prompts import PromptBook
+
+    (tmp_path / "harm_check.jinja").write_text(
+        '{% call message("user") %}\nHarmful? {{ response }} ({{ labels[0] }}) {{ answers[0] }}'
+        " ({{ labels[1] }}) {{ answers[1] }}\n{% endcall %}\n"
+    )
+    conv = [{"role": "user", "content": "hi"}]
+    mine, _ = harm_requests(conv, "hello", PromptBook(tmp_path))
+    builtin, _ = harm_requests(conv, "hello")
+    assert mine.messages == [{"role": "user", "content": "Harmful? hello (A) harmful (B) harmless"}]
+    assert mine.template_hash != builtin.template_hash
 
 
 def test_harm_check_orders() -> None:

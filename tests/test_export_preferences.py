@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from rlaif.errors import ConfigError, DataError, RlaifError
 from rlaif.export import card as card_mod
 from rlaif.export.card import PushToHubError, push_to_hub, render_card
-from rlaif.export.preferences import (
+from rlaif.export.filters import (
     DUPLICATE,
     EMPTY,
     FILTER_REASONS,
@@ -24,20 +24,23 @@ from rlaif.export.preferences import (
     JUDGE_ERROR,
     LENGTH_RATIO,
     LOW_CONFIDENCE,
-    META_COLUMNS,
     PROMPT_CAP,
     SKIPPED,
     TIE,
-    TRL_RESERVED,
     PreferenceExportConfig,
+    select_preferences,
+    upstream_reason,
+)
+from rlaif.export.preferences import (
+    META_COLUMNS,
+    TRL_RESERVED,
     export_preferences,
     render_prompt_text,
-    select_preferences,
     split_rows,
-    upstream_reason,
     variant_row,
 )
-from rlaif.stages.judge import JudgeConfig, Verdict, keep_cai_sl_pair, margin_from_p
+from rlaif.stages.judge import JudgeConfig, Verdict
+from rlaif.stages.pairs import keep_cai_sl_pair, margin_from_p
 from rlaif.store import Manifest
 
 FAKE_TOKEN = "hf_FAKEtoken0123456789abcdefXYZ"

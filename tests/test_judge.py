@@ -11,9 +11,9 @@ from hypothesis import strategies as st
 
 from rlaif.backends.base import ChoiceScores, SamplingParams
 from rlaif.backends.fake import FakeBackend
+from rlaif.calls.caller import GenRequest
 from rlaif.constitution import Constitution, Principle
 from rlaif.errors import ConfigError, RlaifError
-from rlaif.pipeline.calls import GenRequest
 from rlaif.prompts import PromptBook
 from rlaif.stages.judge import (
     JudgeConfig,
@@ -21,19 +21,21 @@ from rlaif.stages.judge import (
     Verdict,
     VerdictError,
     VerdictParseError,
-    candidate_pairs,
     decide,
     ensemble,
     judge_principles,
     judge_requests,
-    keep_cai_sl_pair,
-    margin_from_p,
     p_first_option,
     parse_answer,
-    preference_row,
-    rank_by_win_rate,
     verdict_from_logprobs,
     verdict_from_texts,
+)
+from rlaif.stages.pairs import (
+    candidate_pairs,
+    keep_cai_sl_pair,
+    margin_from_p,
+    preference_row,
+    rank_by_win_rate,
 )
 
 LN = math.log

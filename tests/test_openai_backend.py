@@ -30,9 +30,9 @@ import pytest
 from rlaif.backends import DEFAULT_MODEL, load_backend, resolve_model
 from rlaif.backends.base import SamplingParams
 from rlaif.backends.openai_backend import OpenAIBackend
+from rlaif.calls.caller import GenRequest, ModelCaller
 from rlaif.errors import BackendError, ModelError
 from rlaif.pipeline import load_pipeline, run_pipeline
-from rlaif.pipeline.calls import GenRequest, ModelCaller
 from rlaif.store import CallCache
 
 KEY = "sk-rlaif-test-4f9c2d7e1b8a6053"  # a fake key; it must appear in no output file
@@ -267,9 +267,9 @@ def test_dead_server_is_a_model_error_after_bounded_retries():
 
 
 def test_backend_is_registered(monkeypatch):
-    from rlaif.pipeline.config import _CHOICES
+    from rlaif.config.schema import CHOICES
 
-    assert "openai" in _CHOICES["model.backend"]
+    assert "openai" in CHOICES["model.backend"]
     monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
     with pytest.raises(ModelError, match="needs a server"):
         load_backend("openai", DEFAULT_MODEL)

@@ -402,7 +402,7 @@ def test_demo_runs_the_quickstart_through_the_run_command(tmp_path, capsys):
 
 def test_identical_requests_in_one_call_are_computed_once(tmp_path):
     from rlaif.backends.base import SamplingParams
-    from rlaif.pipeline.calls import GenRequest, ModelCaller, ScoreRequest
+    from rlaif.calls.caller import GenRequest, ModelCaller, ScoreRequest
     from rlaif.store import CallCache
 
     backend = FakeBackend(fail_marker="POISON")

@@ -129,7 +129,7 @@ def _check_eval(run: Path, reward: bool) -> dict[str, Any]:
 def _no_work(monkeypatch: pytest.MonkeyPatch) -> None:
     """Any training or model loading from here on fails the test."""
     import rlaif.backends
-    import rlaif.pipeline.steps
+    import rlaif.calls.factory
     import rlaif.train.dpo
     import rlaif.train.ppo
     import rlaif.train.reward
@@ -141,7 +141,7 @@ def _no_work(monkeypatch: pytest.MonkeyPatch) -> None:
         (rlaif.train.dpo, "train_dpo"),
         (rlaif.train.reward, "train_reward"),
         (rlaif.train.ppo, "train_ppo"),
-        (rlaif.pipeline.steps, "load_backend"),
+        (rlaif.calls.factory, "load_backend"),
         (rlaif.backends, "load_backend"),
     ]:
         monkeypatch.setattr(module, name, boom)

@@ -19,7 +19,7 @@ import torch
 
 from rlaif.errors import ConfigError, ModelError
 from rlaif.train import ppo_math as M
-from rlaif.train.common import LoraSettings, load_train_config
+from rlaif.train.config import LoraSettings, load_train_config
 from rlaif.train.online import RewardSource
 from rlaif.train.ppo import PPOConfig, train_ppo
 

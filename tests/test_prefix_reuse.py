@@ -9,8 +9,8 @@ import pytest
 from rlaif.backends import TransformersBackend
 from rlaif.backends.base import shared_prefix
 from rlaif.backends.prefix_cache import MIN_PREFIX_TOKENS
+from rlaif.calls.caller import GenRequest, ModelCaller, ScoreRequest
 from rlaif.constitution import Principle
-from rlaif.pipeline.calls import GenRequest, ModelCaller, ScoreRequest
 from rlaif.prompts import PromptBook
 from rlaif.stages.judge import JudgeConfig, judge_requests
 from rlaif.store import CallCache

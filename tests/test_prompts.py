@@ -140,6 +140,20 @@ CASES: dict[str, dict[str, dict]] = {
             "options": ["A", "B"],
         },
     },
+    "harm_check": {
+        "one_turn_harmful_first": {
+            "conversation": ONE_TURN,
+            "response": BAD,
+            "labels": ["A", "B"],
+            "answers": ["harmful", "harmless"],
+        },
+        "multi_turn_harmless_first": {
+            "conversation": MULTI_TURN,
+            "response": GOOD,
+            "labels": ["A", "B"],
+            "answers": ["harmless", "harmful"],
+        },
+    },
 }
 
 
@@ -160,7 +174,9 @@ def write(folder: Path, name: str, source: str) -> Path:
 
 def test_every_builtin_template_has_snapshot_cases(book: PromptBook) -> None:
     assert (
-        sorted(CASES) == book.names() == ["critique", "judge_cot", "judge_mc", "respond", "revise"]
+        sorted(CASES)
+        == book.names()
+        == ["critique", "harm_check", "judge_cot", "judge_mc", "respond", "revise"]
     )
     stale = {p.stem for p in SNAPSHOTS.glob("*.json")} - set(CASES)
     assert not stale, f"snapshot files for templates that no longer exist: {sorted(stale)}"
@@ -531,7 +547,15 @@ def test_user_folder_overrides_per_name(tmp_path: Path) -> None:
     )
     write(folder, "extra.jinja", '{% call message("user") %}extra{% endcall %}\n')
     book = PromptBook(str(folder))
-    assert book.names() == ["critique", "extra", "judge_cot", "judge_mc", "respond", "revise"]
+    assert book.names() == [
+        "critique",
+        "extra",
+        "harm_check",
+        "judge_cot",
+        "judge_mc",
+        "respond",
+        "revise",
+    ]
     assert book.source_path("respond") == (folder / "respond.jinja").resolve()
     assert book.source_path("critique").parent == resource_dir("prompts").resolve()
     out = book.render("respond", conversation=ONE_TURN)

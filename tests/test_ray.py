@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 
 from rlaif.backends.base import Backend, SamplingParams
+from rlaif.calls.caller import GenRequest
+from rlaif.calls.factory import make_caller
+from rlaif.config.schema import ExecutionConfig, ModelConfig
 from rlaif.errors import ConfigError, ModelError
 from rlaif.pipeline import load_pipeline, run_pipeline
-from rlaif.pipeline.calls import GenRequest
-from rlaif.pipeline.config import ExecutionConfig, ModelConfig
-from rlaif.pipeline.steps import make_caller
 from rlaif.store import CallCache
 
 ray = pytest.importorskip("ray")

@@ -297,7 +297,7 @@ def test_dead_backend_stops_the_run_and_resume_loses_nothing(reference, tmp_path
 
 
 def test_dead_backend_through_the_cli(reference, tmp_path, monkeypatch, capsys):
-    import rlaif.pipeline.steps as steps
+    import rlaif.calls.factory as steps
 
     pipe, ref = reference
     run = tmp_path / "run"
@@ -455,7 +455,7 @@ def _bad_inputs(
     seen["disk full"] = cli("run", pipe, "--out", "run")
     monkeypatch.setattr(jsonl_mod, "_os_write", os.write)
     shutil.rmtree(w / "run")
-    import rlaif.pipeline.steps as steps
+    import rlaif.calls.factory as steps
 
     monkeypatch.setattr(steps, "load_backend", lambda kind, model, **kw: DyingBackend(2))
     seen["dead backend"] = cli("run", pipe, "--out", "run")

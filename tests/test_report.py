@@ -27,11 +27,11 @@ from typing import Any
 import pytest
 
 from rlaif.backends.fake import FakeBackend
+from rlaif.calls.caller import ModelCaller
 from rlaif.cli.main import main
 from rlaif.constitution import load_constitution
 from rlaif.evaluate.policy_eval import eval_metrics, run_eval, write_eval
 from rlaif.pipeline import load_pipeline, read_prompts, run_pipeline
-from rlaif.pipeline.calls import ModelCaller
 from rlaif.report import SECTIONS, build_report, write_report
 from rlaif.report.stats import judge_stats, principle_usage
 from rlaif.stages.judge import JudgeConfig, verdict_from_logprobs

@@ -613,3 +613,68 @@ def test_run_lock_held_by_another_process(tmp_path):
             proc.kill()
     with RunLock(tmp_path):  # the kernel freed the dead holder's lock
         pass
+
+
+# -- atomic whole-file writes -------------------------------------------------------------------
+
+
+def test_write_atomic_replaces_whole_and_keeps_the_old_file_on_failure(tmp_path):
+    from rlaif.store.atomic import write_atomic, write_json_atomic
+
+    path = tmp_path / "sub" / "a.json"
+    write_json_atomic(path, {"b": 1, "a": [1.5]}, sort_keys=True)
+    assert path.read_text() == '{"a": [1.5], "b": 1}\n'
+
+    def refuse(tmp):
+        assert tmp.read_text() == "new" and tmp.name.startswith(".a.json.tmp-")
+        raise ValueError("invalid")
+
+    with pytest.raises(ValueError, match="invalid"):
+        write_atomic(path, "new", check=refuse)
+    assert path.read_text() == '{"a": [1.5], "b": 1}\n'
+    assert [p.name for p in path.parent.iterdir()] == ["a.json"]  # no temporary left
+
+
+def test_remove_stale_keeps_live_writers_files(tmp_path):
+    from rlaif.store.atomic import remove_stale, temp_sibling, write_atomic
+
+    path = tmp_path / "export"
+    dead = tmp_path / ".export.tmp-999999999-deadbeef"  # a pid that cannot be running
+    dead.mkdir()
+    (dead / "x").write_text("half")
+    old_file = tmp_path / ".export.old-999999999-cafe0000"
+    old_file.write_text("old")
+    mine = temp_sibling(path)
+    mine.write_text("in flight")
+    other = tmp_path / ".export.tmp-notapid-1"
+    other.write_text("not ours")
+    remove_stale(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([mine.name, other.name])
+    write_atomic(tmp_path / "b.txt", "x")  # a write clears its own stale siblings too
+    (tmp_path / ".b.txt.tmp-999999999-0badf00d").write_text("stale")
+    write_atomic(tmp_path / "b.txt", "y")
+    assert not (tmp_path / ".b.txt.tmp-999999999-0badf00d").exists()
+
+
+@pytest.mark.parametrize("kind", ["file", "folder"])
+def test_swap_in_replaces_a_file_or_folder_and_leaves_nothing(tmp_path, kind):
+    from rlaif.store.atomic import swap_in, temp_sibling
+
+    final = tmp_path / "out"
+
+    def build(text: str):
+        staging = temp_sibling(final)
+        if kind == "file":
+            staging.write_text(text)
+        else:
+            staging.mkdir()
+            (staging / "data").write_text(text)
+        return staging
+
+    def read() -> str:
+        return final.read_text() if kind == "file" else (final / "data").read_text()
+
+    swap_in(build("one"), final)
+    swap_in(build("two"), final)
+    assert read() == "two"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]

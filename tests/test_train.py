@@ -7,6 +7,7 @@ and the saved folder loads with ``from_pretrained``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -15,14 +16,10 @@ from typing import Any
 import pytest
 
 from rlaif.errors import ConfigError, DataError, ModelError
-from rlaif.train.common import (
-    BaseTrainConfig,
-    CurveLogger,
-    load_preferences,
-    load_train_config,
-    save_model,
-    write_metrics,
-)
+from rlaif.train.common import save_model
+from rlaif.train.config import BaseTrainConfig, load_train_config
+from rlaif.train.curves import CurveLogger, write_metrics
+from rlaif.train.data import load_preferences
 
 REPO = Path(__file__).resolve().parents[1]
 QUESTIONS = [
@@ -138,7 +135,7 @@ def test_config_trl_extras_are_checked_against_trl(tmp_path):
 
 
 def test_example_configs_load_and_say_how_to_run_them():
-    from rlaif.cli.train_cmd import RECIPES, _recipe
+    from rlaif.train.recipes import RECIPES
 
     files = sorted((REPO / "configs/train").glob("*.yaml"))
     assert {"reward.yaml", "dpo.yaml", "grpo.yaml", "rloo.yaml"} <= {f.name for f in files}
@@ -148,7 +145,7 @@ def test_example_configs_load_and_say_how_to_run_them():
         assert words[:3] == ["#", "rlaif", "train"], f"{f.name}: first line must be the command"
         recipe, config = words[3], words[4]
         assert recipe in RECIPES and config == f"configs/train/{f.name}", first
-        cls, _ = _recipe(recipe)
+        cls, _ = RECIPES[recipe].load()
         load_train_config(f, cls, [])
 
 
@@ -431,8 +428,8 @@ def test_prompt_file_feeds_online_training(tmp_path, tiny_model_dir, reward_mode
 
 
 def test_cli_train_dpo_and_errors(tmp_path, tiny_model_dir, run_dir, capsys, monkeypatch):
-    from rlaif.cli import train_cmd
     from rlaif.cli.main import main
+    from rlaif.train.recipes import RECIPES
 
     out = tmp_path / "cli"
     args = ["--set", f"model={tiny_model_dir}", "--set", f"dataset={run_dir}", "--quiet"]
@@ -448,9 +445,8 @@ def test_cli_train_dpo_and_errors(tmp_path, tiny_model_dir, run_dir, capsys, mon
     assert main(["train", "dpo", str(bad)]) == 2
     assert "bad.yaml:1: field 'beta': must be float" in capsys.readouterr().err
 
-    recipes = dict(train_cmd.RECIPES)
-    recipes["ppo"] = ("rlaif.train.no_such_module", "PPOConfig", "train_ppo", "PPO")
-    monkeypatch.setattr(train_cmd, "RECIPES", recipes)
+    missing = dataclasses.replace(RECIPES["ppo"], module="rlaif.train.no_such_module")
+    monkeypatch.setitem(RECIPES, "ppo", missing)
     assert main(["train", "ppo"]) == 2
     assert "not part of this build" in capsys.readouterr().err
 

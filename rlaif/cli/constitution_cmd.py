@@ -17,6 +17,7 @@ from rlaif.constitution import (
 from rlaif.constitution.importers import FORMATS
 from rlaif.constitution.loader import find_constitution
 from rlaif.errors import ConfigError, RlaifError
+from rlaif.store.atomic import temp_sibling, write_atomic
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -97,7 +98,7 @@ def _older_version(path: str, against: str | None):
     except (OSError, subprocess.SubprocessError):
         return None  # not in git, or not committed yet: nothing to compare with
     # Resolve the committed text in the same folder so relative `extends` still work.
-    tmp = p.resolve().parent / f".{p.name}.committed.yaml"
+    tmp = temp_sibling(p.resolve(), "committed")
     try:
         tmp.write_text(text, encoding="utf-8")
         return load_constitution(tmp)
@@ -144,16 +145,11 @@ def _import(args: argparse.Namespace) -> int:
         f"Source files: {srcs}\nSource: {mapping.get('source', '')}"
     )
     out = Path(args.output)
-    tmp = out.with_name(f".{out.name}.tmp.yaml")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(to_yaml(mapping, header=header), encoding="utf-8")
-        c = load_constitution(tmp)  # validate before it replaces anything
-        tmp.replace(out)
+    try:  # validated before it replaces anything
+        write_atomic(out, to_yaml(mapping, header=header), check=load_constitution)
     except OSError as exc:
         raise ConfigError(f"cannot write: {exc.strerror or exc}", file=out) from None
-    finally:
-        tmp.unlink(missing_ok=True)
+    c = load_constitution(out)
     print(
         f"wrote {out}: {c.name} {c.version}, {len(c.principles)} principles, "
         f"{len(c.examples)} examples, hash {c.content_hash[:12]}"

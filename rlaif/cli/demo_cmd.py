@@ -30,14 +30,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _demo(args: argparse.Namespace) -> int:
     if args.tour:
         return _tour()
-    from rlaif.cli.main import build_parser
-    from rlaif.cli.run_cmd import run_command
+    from rlaif.cli import run_cmd
 
     # Through the real `rlaif run` parser, so every option it has gets its default here too.
+    parser = argparse.ArgumentParser(prog="rlaif")
+    run_cmd.register(parser.add_subparsers())
     argv = ["run", "quickstart", "--out", args.out]
     for item in args.overrides:
         argv += ["--set", item]
-    return run_command(build_parser().parse_args(argv))
+    return run_cmd.run_command(parser.parse_args(argv))
 
 
 def _tour() -> int:

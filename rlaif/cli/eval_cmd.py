@@ -47,6 +47,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, metavar="N", help="first N prompts of each file")
     p.add_argument("--max-new-tokens", type=int, default=128, metavar="T")
     p.add_argument("--constitution", default="helpful-harmless", metavar="NAME")
+    p.add_argument(
+        "--templates",
+        metavar="DIR",
+        help="folder whose respond / judge_mc / harm_check .jinja replace the built-in ones",
+    )
     p.add_argument("--seed", type=int, default=0, help="picks each prompt's judge principle")
     p.add_argument("--batch-size", type=int, default=8, metavar="B")
     p.add_argument("--out", metavar="DIR", help="output folder (default runs/eval)")
@@ -76,22 +81,22 @@ def _file_info(path: Path) -> dict[str, Any]:
 
 
 def eval_command(args: argparse.Namespace) -> int:
-    from rlaif import __version__
+    from rlaif.calls.caller import ModelCaller
     from rlaif.constitution import load_constitution
     from rlaif.evaluate.policy_eval import (
         DEFINITIONS,
-        HARM_TEMPLATE_HASH,
         REFUSAL_PATTERNS,
         REFUSAL_WINDOW,
         eval_metrics,
         format_summary,
         run_eval,
+        template_hashes,
         write_eval,
     )
-    from rlaif.pipeline.calls import ModelCaller
-    from rlaif.pipeline.sources import read_prompts
     from rlaif.prompts import PromptBook
+    from rlaif.sources import read_prompts
     from rlaif.store import CallCache
+    from rlaif.version import __version__
 
     for name in ("batch_size", "max_new_tokens"):
         if getattr(args, name) < 1:
@@ -130,7 +135,7 @@ def eval_command(args: argparse.Namespace) -> int:
         from rlaif.evaluate.rewards import reward_fn_for
 
         reward_fn, reward_info = reward_fn_for(args.reward_model, out / "cache" / "reward.jsonl")
-    book = PromptBook()
+    book = PromptBook(args.templates)
     start = time.monotonic()
     try:
         rows = run_eval(
@@ -166,11 +171,7 @@ def eval_command(args: argparse.Namespace) -> int:
             "seed": args.seed,
             "judge_mode": "logprob",
             "constitution": constitution.provenance(),
-            "templates": {
-                "respond": book.template_hash("respond"),
-                "judge_mc": book.template_hash("judge_mc"),
-                "harm_check": HARM_TEMPLATE_HASH,
-            },
+            "templates": template_hashes(book),
             "refusal_patterns": list(REFUSAL_PATTERNS),
             "refusal_window": REFUSAL_WINDOW,
         },

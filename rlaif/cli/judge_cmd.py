@@ -116,11 +116,11 @@ def backend_factory(
 
 
 def audit_command(args: argparse.Namespace) -> int:
+    from rlaif.calls.caller import ModelCaller
     from rlaif.constitution import load_constitution
     from rlaif.evaluate.audit import run_audit
     from rlaif.evaluate.pairs_io import read_comparisons
     from rlaif.evaluate.plots import audit_report, format_table, write_audit
-    from rlaif.pipeline.calls import ModelCaller
     from rlaif.stages.judge import JudgeConfig
     from rlaif.store import CallCache
 

@@ -10,8 +10,8 @@ import argparse
 import os
 import sys
 
-from rlaif import __version__
 from rlaif.errors import RlaifError
+from rlaif.version import __version__
 
 
 def build_parser() -> argparse.ArgumentParser:

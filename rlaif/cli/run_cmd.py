@@ -62,8 +62,8 @@ def find_pipeline(ref: str) -> Path:
 
 
 def run_command(args: argparse.Namespace) -> int:
+    from rlaif.calls.budget import EXIT_BUDGET, BudgetExceeded
     from rlaif.pipeline import load_pipeline, run_pipeline
-    from rlaif.pipeline.budget import EXIT_BUDGET, BudgetExceeded
 
     cfg = load_pipeline(find_pipeline(args.pipeline), args.overrides)
     if args.dry_run:

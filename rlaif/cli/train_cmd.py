@@ -9,20 +9,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
-import importlib.util
-from typing import Any
 
 from rlaif.errors import ConfigError
-
-# recipe -> (module, config class, train function, what it does)
-RECIPES: dict[str, tuple[str, str, str, str]] = {
-    "reward": ("rlaif.train.reward", "RewardTrainConfig", "train_reward", "train a reward model"),
-    "dpo": ("rlaif.train.dpo", "DPOTrainConfig", "train_dpo", "fine-tune a policy with DPO"),
-    "grpo": ("rlaif.train.online", "GRPOTrainConfig", "train_grpo", "online RL with GRPO"),
-    "rloo": ("rlaif.train.online", "RLOOTrainConfig", "train_rloo", "online RL with RLOO"),
-    "ppo": ("rlaif.train.ppo", "PPOConfig", "train_ppo", "online RL with PPO"),
-}
+from rlaif.train.recipes import RECIPES
 
 # Printed after a run when present in metrics.json, in this order.
 _SHOWN = (
@@ -35,7 +24,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add ``rlaif train`` and its recipes to the top-level parser."""
     p = sub.add_parser("train", help="train a reward model or a policy (reward, dpo, grpo, ...)")
     recipes = p.add_subparsers(dest="recipe", metavar="RECIPE", required=True)
-    for name, (_, _, _, what) in RECIPES.items():
+    for name, recipe in RECIPES.items():
+        what = recipe.help
         r = recipes.add_parser(name, help=what, description=f"rlaif train {name}: {what}.")
         r.add_argument(
             "config",
@@ -56,19 +46,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         r.set_defaults(func=train_command)
 
 
-def _recipe(name: str) -> tuple[type, Any]:
-    module_name, cls_name, fn_name, _ = RECIPES[name]
-    if importlib.util.find_spec(module_name) is None:
-        raise ConfigError(f"recipe '{name}' is not part of this build ({module_name} is missing)")
-    module = importlib.import_module(module_name)
-    return getattr(module, cls_name), getattr(module, fn_name)
-
-
 def train_command(args: argparse.Namespace) -> int:
     """Run one recipe from parsed arguments; returns the exit code."""
-    from rlaif.train.common import load_train_config
+    from rlaif.train.config import load_train_config
 
-    cls, train = _recipe(args.recipe)
+    cls, train = RECIPES[args.recipe].load()
     overrides = list(args.overrides)
     names = {f.name for f in dataclasses.fields(cls)}
     if args.out:

@@ -19,10 +19,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, TextIO
 
+from rlaif.calls.caller import ModelCaller, ScoreRequest
 from rlaif.constitution import Constitution
 from rlaif.errors import ConfigError
 from rlaif.evaluate.pairs_io import AuditData, AuditPair, MCItem
-from rlaif.pipeline.calls import ModelCaller, ScoreRequest
 from rlaif.progress import Progress
 from rlaif.prompts import PromptBook
 from rlaif.stages.judge import (

@@ -8,18 +8,18 @@ matplotlib is imported here only, with the Agg backend, so audits run with no di
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from rlaif import __version__
+from rlaif.calls.caller import ModelCaller
 from rlaif.constitution import Constitution
 from rlaif.errors import StoreError
 from rlaif.evaluate.audit import DEFINITIONS, AuditRun, Judgement, audit_metrics
 from rlaif.evaluate.pairs_io import AuditData
-from rlaif.pipeline.calls import ModelCaller
 from rlaif.stages.judge import JudgeConfig
+from rlaif.store.atomic import write_atomic
+from rlaif.version import __version__
 
 PLOTS = ("agreement.png", "p_human.png", "position_bias.png", "calibration.png")
 
@@ -200,12 +200,6 @@ def audit_report(
     }
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def write_audit(
     out_dir: str | Path, report: dict[str, Any], run: AuditRun, *, plots: bool = True
 ) -> list[Path]:
@@ -223,8 +217,8 @@ def write_audit(
         rows += [{"scope": "comparison", **j.to_dict()} for j in run.ensembles if j.kind == "pair"]
         rows += [{"scope": "mc_item", **r} for r in run.mc]
         lines = "".join(json.dumps(r, ensure_ascii=False, allow_nan=False) + "\n" for r in rows)
-        _write_atomic(out / "judgements.jsonl", lines)
-        _write_atomic(out / "audit.json", json.dumps(report, indent=1, allow_nan=False) + "\n")
+        write_atomic(out / "judgements.jsonl", lines)
+        write_atomic(out / "audit.json", json.dumps(report, indent=1, allow_nan=False) + "\n")
     except OSError as exc:
         raise StoreError(f"cannot write the audit: {exc}", file=str(out)) from exc
     return [out / "audit.json", out / "judgements.jsonl", *pngs]

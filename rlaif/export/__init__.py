@@ -1,7 +1,8 @@
 """Datasets, cards and provenance from a run's records."""
 
 from rlaif.export.card import PushToHubError, push_to_hub
-from rlaif.export.preferences import PreferenceExportConfig, export_preferences
+from rlaif.export.filters import PreferenceExportConfig
+from rlaif.export.preferences import export_preferences
 from rlaif.export.sl_cai import export_sl_cai, sl_cai_rows
 
 __all__ = [

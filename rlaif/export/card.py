@@ -20,18 +20,18 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
-import rlaif
 from rlaif.errors import RlaifError
-from rlaif.export.preferences import (
+from rlaif.export.filters import (
     FILTER_REASONS,
     SKIPPED,
     SPLITS,
     VARIANTS,
     PreferenceExportConfig,
 )
+from rlaif.version import __version__
 
 if TYPE_CHECKING:
-    from rlaif.export.preferences import Selection
+    from rlaif.export.filters import Selection
 
 TAGS = ["rlaif", "constitutional-ai", "dpo", "reward-modeling", "preference", "synthetic", "trl"]
 _SECRET_KEY = re.compile(
@@ -238,7 +238,7 @@ def _provenance_lines(prov: Mapping[str, Any]) -> list[str]:
         f"- **Judge mode**: `{mode or 'not recorded'}`",
         f"- **Judge config**: `{json.dumps(jcfg, sort_keys=True, default=str)}`",
         f"- **Seeds**: `{json.dumps(seeds, sort_keys=True)}`",
-        f"- **rlaif version**: `{prov.get('rlaif_version') or rlaif.__version__}`",
+        f"- **rlaif version**: `{prov.get('rlaif_version') or __version__}`",
     ]
     templates = prov.get("templates") or prov.get("template_hashes") or {}
     if isinstance(templates, Mapping) and templates:

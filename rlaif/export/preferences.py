@@ -22,35 +22,26 @@ other conversation becomes an Anthropic-HH-style transcript (``System:`` / ``Hum
 ``rejected`` are the responses, stripped, with no separator: TRL concatenates prompt + response,
 so a plain-text user who wants one adds it.
 
-Filters, first match wins, each counted with its reason (see :data:`FILTER_REASONS`): skipped
-upstream, generation error, empty response, identical responses, judge error, tie, low
-confidence, length ratio, duplicate row, per-prompt cap. ``kept + filtered == inputs`` is checked.
-Rows keep input order; the split is a hash of the prompt text, so the same input gives the
-same bytes, and all pairs of one prompt land in one split. Uploading a finished export:
-:func:`rlaif.export.card.push_to_hub`.
+Which records become rows, and the reason counted for each one that does not:
+:mod:`rlaif.export.filters`. Rows keep input order; the split is a hash of the prompt text, so
+the same input gives the same bytes, and all pairs of one prompt land in one split. Uploading a
+finished export: :func:`rlaif.export.card.push_to_hub`.
 """
 
 from __future__ import annotations
 
-import math
-import os
-import re
 import shutil
-from collections import Counter
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rlaif.errors import ConfigError, DataError, StoreError
-from rlaif.export.sl_cai import _write_jsonl
-from rlaif.stages.judge import TOL, Verdict, preference_row
+from rlaif.errors import StoreError
+from rlaif.export.card import plot_margins, push_to_hub, render_card, summarize
+from rlaif.export.filters import SPLITS, PreferenceExportConfig, select_preferences
+from rlaif.export.sl_cai import write_jsonl
 from rlaif.store import Manifest, content_hash
-from rlaif.store.jsonl import fsync_dir
+from rlaif.store.atomic import remove_stale, swap_in, temp_sibling
 
-FORMATS = ("disk", "parquet", "jsonl")
-VARIANTS = ("conversational", "text")
-SPLITS = ("train", "test")
 META_COLUMNS = ("id", "prompt_id", "source", "p_chosen")
 # Keys TRL 1.16's preference trainers read from a row besides prompt/chosen/rejected/margin:
 # a metadata column with one of these names would change what they do.
@@ -60,113 +51,6 @@ TRL_RESERVED = frozenset(
     | {"ref_chosen_logps", "ref_rejected_logps"}
 )
 ROLE_NAMES = {"system": "System", "user": "Human", "assistant": "Assistant"}
-
-SKIPPED = "skipped upstream"
-GENERATION_ERROR = "generation error"
-EMPTY = "empty response"
-IDENTICAL = "identical responses"
-JUDGE_ERROR = "judge error"
-TIE = "tie"
-LOW_CONFIDENCE = "low confidence"
-LENGTH_RATIO = "length ratio"
-DUPLICATE = "duplicate row"
-PROMPT_CAP = "per-prompt cap"
-FILTER_REASONS = {
-    SKIPPED: "an earlier stage skipped the pair (e.g. the judge did not prefer a revision)",
-    GENERATION_ERROR: "sampling the responses failed",
-    EMPTY: "a response is empty after stripping whitespace",
-    IDENTICAL: "the two responses are the same text (no preference to learn)",
-    JUDGE_ERROR: "the judge's output was unusable (recorded, never guessed)",
-    TIE: "the judge found no winner (including position-inconsistent verdicts)",
-    LOW_CONFIDENCE: "p_chosen below min_confidence (or not above 0.5)",
-    LENGTH_RATIO: "longer/shorter response length (characters) above max_length_ratio",
-    DUPLICATE: "same (prompt, chosen, rejected) as an earlier row",
-    PROMPT_CAP: "more than max_pairs_per_prompt pairs for one prompt text",
-}
-_NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?(?:e[-+]?\d+)?")
-_NUMBER_NOTE = re.compile(r"\(\s*[a-z_]+\s*[=<>]=?\s*[-+]?[\d.e+-]+\s*\)")
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
-
-
-@dataclass(frozen=True)
-class PreferenceExportConfig:
-    """What the preference export keeps and writes. Bad values raise :class:`ConfigError`.
-
-    Args:
-        min_confidence: drop pairs whose p_chosen (the judge's probability for the chosen
-            response) is below this. 0.55 drops near coin-flips of logprob judges (margin
-            < 0.2) and keeps reasoning-mode labels, which sit at 0.6 (CAI's 40-60 % band).
-        max_length_ratio: drop pairs whose longer response has more than this many times the
-            characters of the shorter, whichever was chosen. AI judges prefer longer answers;
-            such a pair mostly teaches length, not the constitution. None disables it.
-        max_pairs_per_prompt: keep at most this many pairs per prompt text (the most confident,
-            then the earliest). None (default) keeps all: the judge stage's pair strategy already
-            decides ("best_vs_worst" gives one pair, "all" every distinct pair, on purpose), and
-            the prompt-level split keeps pairs of one prompt out of both splits at once.
-        test_size: fraction of prompts in the test split, in [0, 1).
-        seed: salts the prompt hash that assigns splits.
-        formats: any of ``disk`` (save_to_disk), ``parquet``, ``jsonl``.
-        variants: any of ``conversational`` and ``text``.
-        license: the card's license id on the Hub; the data inherits the prompts' and models'
-            terms, so the default is ``unknown``.
-        pretty_name: the card's title.
-        plot: write ``margins.png``.
-        push_to_hub: a Hub dataset repo id to upload to after the local export; None: don't.
-        private: create the Hub repo as private.
-    """
-
-    min_confidence: float = 0.55
-    max_length_ratio: float | None = 4.0
-    max_pairs_per_prompt: int | None = None
-    test_size: float = 0.1
-    seed: int = 0
-    formats: tuple[str, ...] = FORMATS
-    variants: tuple[str, ...] = VARIANTS
-    license: str = "unknown"
-    pretty_name: str | None = None
-    plot: bool = True
-    push_to_hub: str | None = None
-    private: bool = False
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "formats", tuple(self.formats))
-        object.__setattr__(self, "variants", tuple(self.variants))
-
-        def subset(values: tuple[str, ...], allowed: tuple[str, ...]) -> bool:
-            return bool(values) and len(set(values)) == len(values) and set(values) <= set(allowed)
-
-        ratio, cap = self.max_length_ratio, self.max_pairs_per_prompt
-        checks = [
-            ("min_confidence", _num(self.min_confidence, 0.5, 1), "must be in [0.5, 1]"),
-            ("max_length_ratio", ratio is None or _num(ratio, 1, math.inf), "must be >= 1 or null"),
-            (
-                "max_pairs_per_prompt",
-                cap is None or (_int(cap) and cap >= 1),
-                "must be >= 1 or null",
-            ),
-            ("test_size", _num(self.test_size, 0, 1) and self.test_size < 1, "must be in [0, 1)"),
-            ("seed", _int(self.seed), "must be an integer"),
-            ("formats", subset(self.formats, FORMATS), f"must be distinct values of {FORMATS}"),
-            ("variants", subset(self.variants, VARIANTS), f"must be distinct values of {VARIANTS}"),
-            ("license", isinstance(self.license, str) and bool(self.license), "must be a Hub id"),
-            (
-                "push_to_hub",
-                self.push_to_hub is None or bool(_REPO_ID.match(str(self.push_to_hub))),
-                "must be a repo id like 'user/name' or null",
-            ),
-        ]
-        for name, ok, why in checks:
-            if not ok:
-                msg = f"preference export {name} {why}, got {getattr(self, name)!r}"
-                raise ConfigError(msg, field=name)
-
-
-def _num(v: Any, lo: float, hi: float) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and lo <= v <= hi
-
-
-def _int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 # -- rows ---------------------------------------------------------------------------------------
@@ -185,161 +69,6 @@ def render_prompt_text(messages: list[dict[str, str]]) -> str:
         return messages[0]["content"]
     turns = [f"{ROLE_NAMES.get(m['role'], m['role'].title())}: {m['content']}" for m in messages]
     return "\n\n".join([*turns, "Assistant:"])
-
-
-@dataclass
-class Selection:
-    """The outcome of filtering: kept rows (input order) and every filtered record's reason."""
-
-    rows: list[dict[str, Any]] = field(default_factory=list)
-    filtered: Counter[str] = field(default_factory=Counter)
-    examples: dict[str, list[str]] = field(default_factory=dict)  # reason -> first 3 ids
-    verdicts: list[Verdict] = field(default_factory=list)  # every parsed verdict, for audits
-    inputs: int = 0
-
-    def drop(self, reason: str, record_id: str) -> None:
-        self.filtered[reason] += 1
-        ex = self.examples.setdefault(reason, [])
-        if len(ex) < 3:
-            ex.append(record_id)
-
-
-def _messages(rec: Mapping[str, Any], rid: str) -> list[dict[str, str]]:
-    prompt = rec.get("prompt")
-    try:  # only role and content: every row of a dataset needs the same schema
-        msgs = [{"role": m["role"], "content": m["content"]} for m in prompt]  # type: ignore
-    except (TypeError, KeyError):
-        msgs = []
-    if not msgs or not all(isinstance(v, str) for m in msgs for v in m.values()):
-        raise DataError(f"record {rid}: prompt must be a list of messages", field="prompt")
-    return msgs
-
-
-def _verdict(rec: Mapping[str, Any], rid: str) -> Verdict | None:
-    raw = rec.get("verdict")
-    if raw is None:
-        return None
-    try:
-        return Verdict.from_dict(raw)
-    except (TypeError, ValueError, AttributeError) as exc:
-        raise DataError(f"record {rid}: unreadable verdict ({exc})", field="verdict") from None
-
-
-def upstream_reason(reason: str) -> str:
-    """The filter category of a pair an earlier stage skipped, from its reason text.
-
-    Failures, ties and identical texts join their own categories; anything else (a CAI-SL
-    revision the judge did not prefer, ...) becomes ``"skipped upstream: <reason>"`` with
-    numbers masked, so the categories stay few.
-    """
-    r = " ".join(reason.split()).lower()
-    if r.startswith(("generation failed", "sampling failed")):
-        return GENERATION_ERROR
-    if r.startswith("judge error") or r.startswith("judge call failed"):
-        return JUDGE_ERROR
-    if r.startswith("tie"):
-        return TIE
-    if "identical" in r or r.startswith(("same texts", "no pair of distinct")):
-        return IDENTICAL
-    # Numbers go, so the categories stay few: "(p = 0.4312)" and the like are dropped with
-    # the brackets they sit in, any other number is masked.
-    r = " ".join(_NUMBER_NOTE.sub("", r).split())
-    return f"{SKIPPED}: {_NUMBER.sub('#', r)[:80] or 'no reason given'}"
-
-
-def _classify(rec: Mapping[str, Any], cfg: PreferenceExportConfig, sel: Selection) -> dict | None:
-    """A kept row for one record, or None after counting its reason in ``sel``."""
-    rid = str(rec.get("id", "?"))
-    verdict = _verdict(rec, rid)
-    if verdict is not None:
-        sel.verdicts.append(verdict)
-    if rec.get("status") == "skipped":
-        return sel.drop(upstream_reason(str(rec.get("reason") or "")), rid)
-    if rec.get("status") != "ok":
-        judged = verdict is not None and verdict.status == "error"
-        judged = judged or str(rec.get("reason") or "").lower().startswith("judge")
-        return sel.drop(JUDGE_ERROR if judged else GENERATION_ERROR, rid)
-    x, y = rec.get("x"), rec.get("y")
-    if not isinstance(x, str) or not isinstance(y, str):
-        raise DataError(f"record {rid}: responses x and y must be text", field="x")
-    x, y = x.strip(), y.strip()
-    if not x or not y:
-        return sel.drop(EMPTY, rid)
-    if x == y:
-        return sel.drop(IDENTICAL, rid)
-    if verdict is None:
-        raise DataError(f"record {rid}: status ok but no verdict", field="verdict")
-    messages = _messages(rec, rid)
-    row, why = preference_row(messages, x, y, verdict)
-    if row is None:
-        return sel.drop(TIE if str(why).startswith("tie") else JUDGE_ERROR, rid)
-    p = verdict.p_a_better if verdict.winner == "a" else 1 - verdict.p_a_better  # type: ignore[operator]
-    # Never a row whose label the probability does not back (p <= 0.5 has margin <= 0).
-    if p < cfg.min_confidence - TOL or p <= 0.5 + TOL:
-        return sel.drop(LOW_CONFIDENCE, rid)
-    longer, shorter = max(len(x), len(y)), min(len(x), len(y))
-    if cfg.max_length_ratio is not None and longer > cfg.max_length_ratio * shorter + TOL:
-        return sel.drop(LENGTH_RATIO, rid)
-    prompt_key = content_hash(messages)
-    chosen, rejected = row["chosen"][0]["content"], row["rejected"][0]["content"]
-    return {
-        **row,
-        "id": rid,
-        "prompt_id": str(rec.get("prompt_id", "")),
-        "source": str(rec.get("source", "")),
-        "p_chosen": p,
-        "_prompt_key": prompt_key,
-        "_row_key": content_hash([messages, chosen, rejected]),
-    }
-
-
-def select_preferences(
-    records: Iterable[Mapping[str, Any]], cfg: PreferenceExportConfig
-) -> Selection:
-    """Filter judged pair records into preference rows, accounting for every record.
-
-    Raises:
-        DataError: a record lacks what a preference row needs (prompt messages, text
-            responses, a readable verdict when its status is ok).
-    """
-    sel = Selection()
-    candidates = []
-    for rec in records:
-        sel.inputs += 1
-        row = _classify(rec, cfg, sel)
-        if row is not None:
-            candidates.append(row)
-    seen: set[str] = set()
-    unique = []
-    for row in candidates:
-        if row["_row_key"] in seen:
-            sel.drop(DUPLICATE, row["id"])
-        else:
-            seen.add(row["_row_key"])
-            unique.append(row)
-    keep = set(range(len(unique)))
-    if cfg.max_pairs_per_prompt is not None:
-        groups: dict[str, list[int]] = {}
-        for i, row in enumerate(unique):
-            groups.setdefault(row["_prompt_key"], []).append(i)
-        for idx in groups.values():
-            ranked = sorted(idx, key=lambda i: (-unique[i]["p_chosen"], i))
-            for i in ranked[cfg.max_pairs_per_prompt :]:
-                keep.discard(i)
-                sel.drop(PROMPT_CAP, unique[i]["id"])
-    sel.rows = [row for i, row in enumerate(unique) if i in keep]
-    _check(sel)
-    return sel
-
-
-def _check(sel: Selection) -> None:
-    # Explicit raises, not assert: these must hold under python -O too.
-    accounted = len(sel.rows) + sum(sel.filtered.values())
-    if accounted != sel.inputs:
-        raise AssertionError(f"{sel.inputs} records in, {accounted} accounted for")
-    for row in sel.rows:
-        if row["chosen"][0]["content"].strip() == row["rejected"][0]["content"].strip():
-            raise AssertionError(f"row {row['id']} has chosen == rejected")
 
 
 def split_rows(rows: list[dict[str, Any]], test_size: float, seed: int) -> list[str]:
@@ -408,35 +137,12 @@ def _write_variant(
             paths.append(folder / "disk")
         for s, rows in splits.items():
             if fmt == "jsonl":
-                _write_jsonl(rows, folder / f"{s}.jsonl")
+                write_jsonl(rows, folder / f"{s}.jsonl")
                 paths.append(folder / f"{s}.jsonl")
             elif fmt == "parquet":
                 dss[s].to_parquet(str(folder / f"{s}.parquet"))
                 paths.append(folder / f"{s}.parquet")
     return paths
-
-
-def _fsync_tree(root: Path) -> None:
-    """Make every file under ``root`` durable before the swap publishes it (pyarrow and
-    matplotlib write without fsync)."""
-    for path in sorted(root.rglob("*")):
-        if path.is_file():
-            with open(path, "rb+") as fh:
-                os.fsync(fh.fileno())
-    for folder in sorted({p.parent for p in root.rglob("*")} | {root}):
-        fsync_dir(folder)
-
-
-def _swap_in(staging: Path, final: Path) -> None:
-    """Replace ``final`` by ``staging`` so readers see the old export or the new, never half."""
-    _fsync_tree(staging)
-    old = final.with_name(f".{final.name}.old-{os.getpid()}")
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(staging, final)
-    fsync_dir(final.parent)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def export_preferences(
@@ -464,18 +170,14 @@ def export_preferences(
         are untouched). PushToHubError (``cfg.push_to_hub``): the upload failed; the local
         export and ``manifest.info`` are complete.
     """
-    from rlaif.export.card import plot_margins, render_card, summarize
-
     sel = select_preferences(records, cfg)
     where = split_rows(sel.rows, cfg.test_size, cfg.seed)
     by_split = {s: [r for r, w in zip(sel.rows, where, strict=True) if w == s] for s in SPLITS}
     out = Path(run_dir) / "export" / "preferences"
-    staging = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    staging = temp_sibling(out)
     files: dict[str, list[str]] = {}
     try:
-        # Leftovers of an interrupted export (the run lock keeps exports of one run serial).
-        for stale in out.parent.glob(f".{out.name}.*-*") if out.parent.is_dir() else []:
-            shutil.rmtree(stale, ignore_errors=True)
+        remove_stale(out)  # leftovers of an interrupted export
         staging.mkdir(parents=True)
         for variant in cfg.variants:
             rows = {s: [variant_row(r, variant) for r in by_split[s]] for s in SPLITS}
@@ -488,7 +190,7 @@ def export_preferences(
             stats["plot"] = "margins.png"
         card = render_card(stats, provenance, cfg)
         (staging / "README.md").write_text(card, encoding="utf-8")
-        _swap_in(staging, out)
+        swap_in(staging, out)
     except OSError as exc:
         raise StoreError(
             f"cannot write the preference export: {exc.strerror or exc}; the records are safe, "
@@ -500,8 +202,6 @@ def export_preferences(
     stats["export_dir"] = str(out)
     manifest.info.setdefault("export", {})["preferences"] = stats
     if cfg.push_to_hub:
-        from rlaif.export.card import push_to_hub
-
         stats["hub"] = {"repo_id": cfg.push_to_hub, "url": None}
         stats["hub"]["url"] = push_to_hub(out, cfg.push_to_hub, private=cfg.private)
     conversational = {s: [variant_row(r, "conversational") for r in by_split[s]] for s in SPLITS}

@@ -11,7 +11,6 @@ bytes as an uninterrupted one. Every trace is accounted for: exported, or filter
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from collections import Counter
 from collections.abc import Iterable
@@ -20,9 +19,10 @@ from typing import TYPE_CHECKING, Any
 
 from rlaif.errors import StoreError
 from rlaif.store import Manifest
+from rlaif.store.atomic import remove_stale, swap_in, temp_sibling, write_atomic
 
 if TYPE_CHECKING:
-    from rlaif.pipeline.config import ExportConfig
+    from rlaif.config.schema import ExportConfig
 
 
 def sl_cai_rows(
@@ -62,14 +62,11 @@ def sl_cai_rows(
     return sft, pairs, filtered
 
 
-def _write_jsonl(rows: list[dict[str, Any]], path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        for row in rows:
-            fh.write(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+def write_jsonl(rows: list[dict[str, Any]], path: Path) -> None:
+    """Replace ``path`` atomically with one JSON line per row (keys sorted, UTF-8 as is)."""
+    write_atomic(
+        path, "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rows)
+    )
 
 
 SFT_COLUMNS = ("messages", "prompt_id")
@@ -86,19 +83,19 @@ def _write_dataset(
         ds = datasets.Dataset.from_list(rows)
     else:  # keep the columns so an empty export still loads
         ds = datasets.Dataset.from_dict({c: [] for c in columns})
-    tmp = folder.with_name(f".{folder.name}.tmp")
-    if fmt == "parquet":
-        ds.to_parquet(str(tmp))
-        os.replace(tmp, folder)
-        return
-    shutil.rmtree(tmp, ignore_errors=True)
-    ds.save_to_disk(str(tmp), num_shards=1)  # datasets 5 writes no file for 0 rows otherwise
-    old = folder.with_name(f".{folder.name}.old")
-    if folder.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(folder, old)
-    os.replace(tmp, folder)
-    shutil.rmtree(old, ignore_errors=True)
+    remove_stale(folder)
+    tmp = temp_sibling(folder)
+    try:
+        if fmt == "parquet":
+            ds.to_parquet(str(tmp))
+        else:  # one shard: datasets 5 writes no file for 0 rows otherwise
+            ds.save_to_disk(str(tmp), num_shards=1)
+        swap_in(tmp, folder)
+    finally:  # left only by a failed write: a file (parquet) or a folder
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
 
 
 def export_sl_cai(
@@ -131,7 +128,7 @@ def export_sl_cai(
             for fmt in cfg.formats:
                 if fmt == "jsonl":
                     path = out / f"{name}.jsonl"
-                    _write_jsonl(rows, path)
+                    write_jsonl(rows, path)
                 else:
                     path = out / (f"{name}.parquet" if fmt == "parquet" else name)
                     _write_dataset(rows, path, fmt, columns)

@@ -1,8 +1,9 @@
 """Pipelines: config files, prompt sources, model calls and the resumable runner."""
 
-from rlaif.pipeline.config import PipelineConfig, load_pipeline
+from rlaif.config.schema import PipelineConfig
+from rlaif.pipeline.load import load_pipeline
 from rlaif.pipeline.runner import RunResult, run_pipeline
-from rlaif.pipeline.sources import PromptItem, read_prompts
+from rlaif.sources import PromptItem, read_prompts
 
 __all__ = [
     "PipelineConfig",

@@ -27,16 +27,17 @@ from pathlib import Path
 from typing import Any
 
 from rlaif.backends.base import Conversation
+from rlaif.calls.budget import Usage, spent_in_run
+from rlaif.calls.caller import GenRequest, max_completion_tokens, prompt_copies, request_key
+from rlaif.config.schema import BudgetConfig, ModelConfig, PipelineConfig
 from rlaif.constitution import load_constitution
-from rlaif.pipeline.budget import Usage, spent_in_run
-from rlaif.pipeline.calls import GenRequest, max_completion_tokens, prompt_copies, request_key
-from rlaif.pipeline.config import BudgetConfig, ModelConfig, PipelineConfig
 from rlaif.pipeline.sl_cai import step_names
-from rlaif.pipeline.sources import read_pipeline_prompts
 from rlaif.pipeline.steps import step_id
 from rlaif.prompts import PromptBook
+from rlaif.sources import read_pipeline_prompts
 from rlaif.stages import critique as cai
 from rlaif.stages import judge as J
+from rlaif.stages.pairs import candidate_pairs
 from rlaif.store import StageStore, record_id
 from rlaif.store.jsonl import JsonlReader, decode_line, read_line_at
 
@@ -357,7 +358,7 @@ class _Planner:
                     (item.id, item.messages(), None, None, "samples", i, j, 2 * most) for i, j in ij
                 ]
                 continue
-            ij, _ = J.candidate_pairs(texts, "all")
+            ij, _ = candidate_pairs(texts, "all")
             out += [
                 (item.id, item.messages(), texts[i], texts[j], "samples", i, j, 0) for i, j in ij
             ]
@@ -366,7 +367,7 @@ class _Planner:
     def judge(self, pairs: list[tuple], name: str, m: _Model, out: list[StageEstimate]) -> None:
         cfg, jstage = self.cfg, self.cfg.stages.judge
         assert jstage is not None
-        jcfg = jstage.judge_config()
+        jcfg = J.judge_config(jstage)
         st = StageEstimate(name, m.model)
         out.append(st)
         for pid, prompt, x, y, source, i, j, missing in pairs:

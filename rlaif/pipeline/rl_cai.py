@@ -13,14 +13,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from rlaif.backends.base import SamplingParams
+from rlaif.calls.caller import GenRequest, ModelCaller, ScoreRequest
 from rlaif.constitution import Constitution
-from rlaif.pipeline.calls import GenRequest, ModelCaller, ScoreRequest
-from rlaif.pipeline.sources import PromptItem
 from rlaif.pipeline.steps import run_gen_step
 from rlaif.progress import Progress
 from rlaif.prompts import PromptBook
+from rlaif.sources import PromptItem
 from rlaif.stages import critique as cai
 from rlaif.stages import judge as J
+from rlaif.stages.pairs import candidate_pairs
 from rlaif.store import StageStore, record_id
 
 
@@ -176,14 +177,14 @@ def select_pairs(
     chosen: list[dict[str, Any]] = []
     none: dict[str, str] = {}
     for pid, texts in samples.items():
-        pairs, skipped = J.candidate_pairs(texts, "all")
+        pairs, skipped = candidate_pairs(texts, "all")
         if strategy == "best_vs_worst":
             verdicts = {
                 (i, j): J.Verdict.from_dict(judged[(pid, i, j)]["verdict"])
                 for i, j in pairs
                 if (pid, i, j) in judged
             }
-            pairs, skipped = J.candidate_pairs(texts, "best_vs_worst", verdicts)
+            pairs, skipped = candidate_pairs(texts, "best_vs_worst", verdicts)
         recs = [judged[(pid, i, j)] for i, j in pairs if (pid, i, j) in judged]
         if recs:
             chosen.extend(recs)

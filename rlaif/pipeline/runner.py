@@ -16,23 +16,31 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from rlaif import __version__
 from rlaif.backends.base import Backend
+from rlaif.calls.budget import Budget
+from rlaif.calls.caller import ModelCaller
+from rlaif.calls.factory import make_caller
+from rlaif.config.schema import PipelineConfig
 from rlaif.constitution import Constitution, load_constitution
-from rlaif.pipeline.budget import Budget
-from rlaif.pipeline.calls import ModelCaller
-from rlaif.pipeline.config import PipelineConfig
+from rlaif.export.card import scrub
+from rlaif.export.filters import PreferenceExportConfig
+from rlaif.export.preferences import export_preferences
+from rlaif.export.sl_cai import export_sl_cai
+from rlaif.pipeline.post import PostResult, run_post
 from rlaif.pipeline.rl_cai import PairToJudge, judge_wave, sample_wave, select_pairs
 from rlaif.pipeline.sl_cai import TRACE_STAGE, critique_revise_wave, step_names
-from rlaif.pipeline.sources import PromptItem, read_pipeline_prompts
-from rlaif.pipeline.steps import make_caller
 from rlaif.progress import Progress
 from rlaif.prompts import PromptBook
+from rlaif.sources import PromptItem, read_pipeline_prompts
 from rlaif.stages import critique as cai
 from rlaif.stages import judge as J
+from rlaif.stages.pairs import candidate_pairs, keep_cai_sl_pair
 from rlaif.store import CallCache, Manifest, RunLock, StageStore, record_id
+from rlaif.version import __version__
 
 WAVE = 512  # prompts per wave: bounds memory, keeps batches full
+# Templates only the evaluation renders: eval.json records their hashes, the data records don't.
+EVAL_ONLY = ("harm_check",)
 
 
 @dataclass
@@ -42,7 +50,7 @@ class RunResult:
     exports: dict[str, Any] = field(default_factory=dict)
     stats: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
-    post: Any = None  # rlaif.pipeline.post.PostResult when stages.train / stages.eval ran
+    post: PostResult | None = None  # when stages.train / stages.eval ran
 
 
 @dataclass
@@ -68,7 +76,9 @@ class _Run:
     def provenance(self) -> dict[str, Any]:
         p: dict[str, Any] = {
             "constitution": self.constitution.provenance(),
-            "templates": {n: self.book.template_hash(n) for n in self.book.names()},
+            "templates": {
+                n: self.book.template_hash(n) for n in self.book.names() if n not in EVAL_ONLY
+            },
             "model": self.caller.model,
             "model_revision": self.caller.revision,
             "backend": self.cfg.model.backend,
@@ -82,7 +92,7 @@ class _Run:
                 p["judge_models"] = [
                     {"model": c.model, "revision": c.revision} for c in self.judge_callers
                 ]
-            p["judge"] = self.cfg.stages.judge.judge_config().to_dict()  # type: ignore[union-attr]
+            p["judge"] = J.judge_config(self.cfg.stages.judge).to_dict()  # type: ignore[union-attr]
         return p
 
 
@@ -106,8 +116,6 @@ def run_pipeline(
         retry_errors: redo requests that failed in an earlier run.
         stream: where progress goes (default stderr).
     """
-    from rlaif.export.card import scrub
-
     t0 = time.perf_counter()
     run_dir = Path(out or cfg.output)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -163,8 +171,6 @@ def run_pipeline(
             traces = _sl_cai(run, base) if cfg.stages.critique_revise else None
             samples = _sample(run, base) if cfg.stages.sample else None
             if traces is not None:
-                from rlaif.export import export_sl_cai
-
                 exports.update(export_sl_cai(run_dir, traces, cfg.stages.export, base))
             if cfg.stages.judge is not None:
                 exports["preferences"] = _judge_and_export(run, base, traces, samples)
@@ -184,8 +190,6 @@ def run_pipeline(
                 jc.close()
         post = None
         if cfg.stages.train or cfg.stages.eval:  # the data models are closed: memory is free
-            from rlaif.pipeline.post import run_post
-
             manifest.start()  # not finished until training and evaluation are
             manifest.write(run_dir)
             post = run_post(cfg, run_dir, items, run.stream)
@@ -294,11 +298,9 @@ def _judge_and_export(
     samples: dict[str, list[str]] | None,
 ) -> dict[str, Any]:
     """Judge CAI-SL pairs and sampled pairs, choose what to keep, export preferences."""
-    from rlaif.export.preferences import export_preferences
-
     cfg, jstage = run.cfg, run.cfg.stages.judge
     assert jstage is not None and run.judge_callers
-    jcfg = jstage.judge_config()
+    jcfg = J.judge_config(jstage)
     prompts = {i.id: i.messages() for i in run.items}
     pairs: list[PairToJudge] = []
     if traces is not None and jstage.cai_sl:
@@ -312,7 +314,7 @@ def _judge_and_export(
             and t["final_response"].strip() != t["initial_response"].strip()
         ]
     for pid, texts in (samples or {}).items():
-        ij, _ = J.candidate_pairs(texts, "all")
+        ij, _ = candidate_pairs(texts, "all")
         pairs += [
             PairToJudge(pid, prompts[pid], texts[i], texts[j], "samples", i, j) for i, j in ij
         ]
@@ -368,7 +370,7 @@ def _judge_and_export(
                 }
             )
             continue
-        keep, why = J.keep_cai_sl_pair(J.Verdict.from_dict(rec["verdict"]), jstage.min_p_revision)
+        keep, why = keep_cai_sl_pair(J.Verdict.from_dict(rec["verdict"]), jstage.min_p_revision)
         records.append(rec if keep else {**rec, "status": "skipped", "reason": why})
     if samples is not None:
         records += [
@@ -395,6 +397,5 @@ def _judge_and_export(
             }
             for pid, why in none.items()
         ]
-    return export_preferences(
-        records, run.run_dir, cfg.stages.export.preferences_config(), run.provenance(), manifest
-    )
+    settings = PreferenceExportConfig.from_section(cfg.stages.export.preferences)
+    return export_preferences(records, run.run_dir, settings, run.provenance(), manifest)

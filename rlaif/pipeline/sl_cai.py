@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from rlaif.pipeline.calls import ModelCaller
-from rlaif.pipeline.config import CritiqueReviseConfig
-from rlaif.pipeline.sources import PromptItem
+from rlaif.calls.caller import ModelCaller
+from rlaif.config.schema import CritiqueReviseConfig
 from rlaif.pipeline.steps import run_gen_step
 from rlaif.progress import Progress
+from rlaif.sources import PromptItem
 from rlaif.stages import critique as cai
 from rlaif.store import StageStore
 

@@ -8,17 +8,17 @@ distributions, training curves, evaluation results, and example records.
 
 from __future__ import annotations
 
-import os
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from markupsafe import Markup
 
-from rlaif import __version__
 from rlaif.errors import DataError, StoreError
 from rlaif.report import collect, data_sections, figures, model_sections, stats
 from rlaif.report import html as H
+from rlaif.store.atomic import write_atomic
+from rlaif.version import __version__
 
 REPORT_NAME = "report.html"
 SECTIONS = (
@@ -168,13 +168,9 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """
     text = build_report(run_dir)
     path = Path(out) if out is not None else Path(run_dir) / REPORT_NAME
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
+        write_atomic(path, text)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise StoreError(
             f"cannot write the report: {exc.strerror or exc}", file=str(path)
         ) from None

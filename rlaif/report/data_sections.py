@@ -10,7 +10,7 @@ from typing import Any
 
 from markupsafe import Markup
 
-from rlaif.export.preferences import FILTER_REASONS, SKIPPED
+from rlaif.export.filters import FILTER_REASONS, SKIPPED
 from rlaif.report import figures
 from rlaif.report import html as H
 from rlaif.report.collect import TRACE_STAGE, iter_stage

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from rlaif.backends.base import Conversation, SamplingParams
+from rlaif.calls.caller import GenRequest
 from rlaif.constitution import Constitution, Principle
-from rlaif.pipeline.calls import GenRequest
 from rlaif.prompts import PromptBook
 from rlaif.store import content_hash
 

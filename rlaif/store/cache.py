@@ -21,13 +21,13 @@ from pathlib import Path
 from typing import Any
 
 from rlaif.errors import StoreError
+from rlaif.store.atomic import fsync_dir
 from rlaif.store.hashing import CanonicalJSONError, canonical_json
 from rlaif.store.jsonl import (
     JsonlAppender,
     JsonlReader,
     decode_line,
     encode_line,
-    fsync_dir,
     read_line_at,
 )
 

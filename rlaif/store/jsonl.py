@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from rlaif.errors import StoreError
+from rlaif.store.atomic import fsync_dir
 
 log = logging.getLogger("rlaif.store")
 
@@ -50,20 +51,6 @@ def encode_line(obj: Any) -> bytes:
 def decode_line(raw: bytes) -> Any:
     """Parse one JSONL line (decoding first skips json's encoding sniffing)."""
     return json.loads(raw.decode("utf-8"))
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a directory's entries (new files) durable; a no-op where unsupported."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems refuse fsync on directories; the data fsync still holds
-    finally:
-        os.close(fd)
 
 
 def write_failure(path: Path, exc: OSError) -> StoreError:

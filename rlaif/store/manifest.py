@@ -13,14 +13,13 @@ fsync, ``os.replace``) so readers never see half a file.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from rlaif.errors import StoreError
-from rlaif.store.jsonl import fsync_dir
+from rlaif.store.atomic import write_atomic
 from rlaif.store.shards import StageStore
 
 __all__ = ["MANIFEST_NAME", "Manifest", "StageSummary"]
@@ -216,21 +215,13 @@ class Manifest:
         """Atomically write ``run_dir/manifest.json``; returns its path."""
         run_dir = Path(run_dir)
         path = run_dir / MANIFEST_NAME
-        tmp = run_dir / f".{MANIFEST_NAME}.tmp-{os.getpid()}"
         try:
             text = json.dumps(self.to_dict(), indent=2, ensure_ascii=False, allow_nan=False)
         except (TypeError, ValueError) as exc:
             raise StoreError(f"manifest info is not JSON: {exc}", file=path, field="info") from exc
         try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "w", encoding="utf-8") as fh:
-                fh.write(text + "\n")
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)  # atomic: readers see the old or the new file, never half
-            fsync_dir(run_dir)
+            write_atomic(path, text + "\n")
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
             raise StoreError(f"cannot write {path}: {exc.strerror}") from exc
         return path
 

@@ -1,8 +1,11 @@
 """Training recipes over TRL: reward model, DPO, GRPO / RLOO (and PPO in ``ppo.py``).
 
-Each recipe is ``train_<name>(cfg) -> TrainResult`` with its config dataclass; the shared
-pieces live in :mod:`rlaif.train.common`. The recipes (and ``CurveCallback``) are imported on
-first use: they pull in torch, transformers and TRL, which ``import rlaif.train`` should not.
+Each recipe is ``train_<name>(cfg) -> TrainResult`` with its config dataclass, and
+:data:`~rlaif.train.recipes.RECIPES` lists them. The shared pieces: configs
+(:mod:`~rlaif.train.config`), data (:mod:`~rlaif.train.data`), curves and progress
+(:mod:`~rlaif.train.curves`), LoRA, TRL arguments and saving (:mod:`~rlaif.train.common`).
+The recipes (and ``CurveCallback``) are imported on first use: they pull in torch,
+transformers and TRL, which ``import rlaif.train`` should not.
 
 Example::
 
@@ -18,37 +21,26 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from rlaif.train.common import (
-    BaseTrainConfig,
-    CurveLogger,
-    LoraSettings,
-    TrainResult,
-    load_preferences,
-    load_train_config,
-    resolve_model_path,
-    save_model,
-)
+from rlaif.train.common import TrainResult, resolve_model_path, save_model
+from rlaif.train.config import BaseTrainConfig, LoraSettings, load_train_config
+from rlaif.train.curves import CurveLogger
+from rlaif.train.data import load_preferences
+from rlaif.train.recipes import RECIPES, Recipe
 
-# name -> module holding it, imported on first access
+# name -> module holding it, imported on first access: every recipe's config class and
+# train function (from the one recipe table), and the pieces that need torch or TRL.
 _LAZY = {
-    "CurveCallback": "rlaif.train.common",
-    "RewardTrainConfig": "rlaif.train.reward",
-    "train_reward": "rlaif.train.reward",
-    "DPOTrainConfig": "rlaif.train.dpo",
-    "train_dpo": "rlaif.train.dpo",
-    "GRPOTrainConfig": "rlaif.train.online",
-    "RLOOTrainConfig": "rlaif.train.online",
+    "CurveCallback": "rlaif.train.curves",
     "RewardSource": "rlaif.train.online",
-    "train_grpo": "rlaif.train.online",
-    "train_rloo": "rlaif.train.online",
-    "PPOConfig": "rlaif.train.ppo",
-    "train_ppo": "rlaif.train.ppo",
+    **{r.config: r.module for r in RECIPES.values()},
+    **{r.train: r.module for r in RECIPES.values()},
 }
-
 __all__ = [
     "BaseTrainConfig",
     "CurveLogger",
     "LoraSettings",
+    "RECIPES",
+    "Recipe",
     "TrainResult",
     "load_preferences",
     "load_train_config",

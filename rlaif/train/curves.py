@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from rlaif.progress import Progress
+from rlaif.store.atomic import write_json_atomic
 
 
 def is_main_process() -> bool:
@@ -265,7 +266,4 @@ def write_metrics(out_dir: str | Path, metrics: dict[str, Any]) -> Path:
     path = Path(out_dir) / "metrics.json"
     if not is_main_process():
         return path
-    tmp = path.with_name(f".metrics.json.{os.getpid()}")
-    tmp.write_text(json.dumps(clean(metrics), indent=1, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_json_atomic(path, clean(metrics), indent=1, sort_keys=True)

@@ -33,20 +33,17 @@ from typing import Any
 from rlaif.backends.resolve import DEFAULT_MODEL
 from rlaif.errors import ConfigError, DataError, ModelError
 from rlaif.train.common import (
-    BaseTrainConfig,
-    CurveLogger,
     TrainResult,
-    load_preferences,
     peft_config,
-    quiet_bars,
     require_trl,
     resolve_model_path,
     save_model,
     set_cpu_threads,
     trl_args,
-    watch,
-    write_metrics,
 )
+from rlaif.train.config import BaseTrainConfig
+from rlaif.train.curves import CurveLogger, quiet_bars, watch, write_metrics
+from rlaif.train.data import load_preferences
 
 
 @dataclass
@@ -319,7 +316,7 @@ def load_reward_model(folder: str, trust_remote_code: bool = False) -> tuple[Any
 
 
 def _as_messages(prompt: Any) -> list[dict[str, str]]:
-    from rlaif.pipeline.sources import to_conversation
+    from rlaif.sources import to_conversation
 
     return [{"role": r, "content": c} for r, c in to_conversation(prompt, {"field": "prompt"})]
 
@@ -330,7 +327,7 @@ def load_prompts(cfg: OnlineTrainConfig, tokenizer: Any) -> tuple[Any, int]:
     import datasets
 
     if cfg.prompts:
-        from rlaif.pipeline.sources import read_prompts
+        from rlaif.sources import read_prompts
 
         items, _ = read_prompts(Path(cfg.prompts), field=cfg.prompt_field, limit=cfg.limit)
         rows = [{"prompt": item.messages()} for item in items]

@@ -45,16 +45,14 @@ from typing import Any
 from rlaif.errors import ModelError
 from rlaif.progress import Progress
 from rlaif.train.common import (
-    CurveLogger,
     TrainResult,
     peft_config,
-    quiet_bars,
     resolve_model_path,
     save_model,
     set_cpu_threads,
-    use_cpu,
-    write_metrics,
 )
+from rlaif.train.config import use_cpu
+from rlaif.train.curves import CurveLogger, quiet_bars, write_metrics
 from rlaif.train.online import judge_reward, load_prompts, load_reward_model
 from rlaif.train.ppo_config import PPOConfig
 from rlaif.train.ppo_rollout import ppo_epochs, rollout

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from rlaif.backends.resolve import DEFAULT_MODEL
 from rlaif.errors import ConfigError
-from rlaif.train.common import LoraSettings, use_cpu
+from rlaif.train.config import LoraSettings, use_cpu
 from rlaif.train.online import RewardSource
 
 __all__ = ["PPOConfig"]

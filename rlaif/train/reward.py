@@ -20,20 +20,17 @@ from typing import Any
 
 from rlaif.errors import ConfigError, DataError, ModelError
 from rlaif.train.common import (
-    BaseTrainConfig,
-    CurveLogger,
     TrainResult,
-    load_preferences,
     peft_config,
-    quiet_bars,
     require_trl,
     resolve_model_path,
     save_model,
     set_cpu_threads,
     trl_args,
-    watch,
-    write_metrics,
 )
+from rlaif.train.config import BaseTrainConfig
+from rlaif.train.curves import CurveLogger, quiet_bars, watch, write_metrics
+from rlaif.train.data import load_preferences
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 The budget covers everything a run dir has spent, over every invocation: it starts from the
 usage already recorded for the run dir, then adds each new answer. Before each backend call
-:class:`~rlaif.pipeline.calls.ModelCaller` asks :meth:`Budget.admit` how many of the batch's
+:class:`~rlaif.calls.caller.ModelCaller` asks :meth:`Budget.admit` how many of the batch's
 requests still fit, counting each at its worst case (its prompt tokens plus
 ``max_new_tokens x n`` completion tokens), sends those, charges their real usage and asks again
 for the rest; when not even the next request fits it raises :class:`BudgetExceeded` before
@@ -26,14 +26,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rlaif.config.schema import BudgetConfig
 from rlaif.errors import RlaifError
-from rlaif.pipeline.config import BudgetConfig
+from rlaif.store.atomic import write_atomic
 from rlaif.store.jsonl import JsonlReader
 
 EXIT_BUDGET = 3  # `rlaif run` exit status when a budget cap stopped the run
@@ -231,15 +231,11 @@ class Budget:
             return
         cache_bytes = self.cache_path.stat().st_size if self.cache_path.exists() else 0
         ledger = self.cache_path.parent / LEDGER
-        tmp = ledger.with_name(f".{LEDGER}.tmp")
-        # Replaced whole, never torn. Losing it in a power cut only makes the next run count
-        # the answers cached since the previous ledger from the cache itself.
-        tmp.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(
-            json.dumps({"usage": self.spent.to_dict(), "cache_bytes": cache_bytes}),
-            encoding="utf-8",
+        # Replaced whole, never torn. Were it lost, the next run would count the answers
+        # cached since the previous ledger from the cache itself.
+        write_atomic(
+            ledger, json.dumps({"usage": self.spent.to_dict(), "cache_bytes": cache_bytes})
         )
-        os.replace(tmp, ledger)
 
     def exceeded(self) -> BudgetExceeded:
         """The error for the cap that the last :meth:`admit` ran into."""

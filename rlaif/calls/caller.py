@@ -7,9 +7,9 @@ stands alone, which is returned as an error while the rest go on. A
 :class:`~rlaif.errors.ModelError` (the backend itself is gone) is never isolated: it stops
 the run, and a resume continues from the last saved batch.
 
-With a :class:`~rlaif.pipeline.budget.Budget` attached, a batch is sent in parts whose
+With a :class:`~rlaif.calls.budget.Budget` attached, a batch is sent in parts whose
 worst-case usage still fits the caps, each saved and charged at its real usage; when not even
-the next request fits, :class:`~rlaif.pipeline.budget.BudgetExceeded` stops the run the same
+the next request fits, :class:`~rlaif.calls.budget.BudgetExceeded` stops the run the same
 way, before that request is sent.
 """
 
@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rlaif.backends.base import Backend, ChoiceScores, Completion, Conversation, SamplingParams
+from rlaif.calls.budget import Budget, Usage, usage_of_completions
 from rlaif.errors import BackendError, ModelError, RlaifError
-from rlaif.pipeline.budget import Budget, Usage, usage_of_completions
 from rlaif.store import CallCache, cache_key
 
 log = logging.getLogger(__name__)
@@ -269,7 +269,7 @@ class ModelCaller:
 
     def _admitted(self, requests: Sequence, idxs: list[int]) -> list[int]:
         """The leading requests of a batch to send now, with the backend started; raises
-        :class:`~rlaif.pipeline.budget.BudgetExceeded` when not even the first one fits."""
+        :class:`~rlaif.calls.budget.BudgetExceeded` when not even the first one fits."""
         if self.budget is not None and not self.budget.admit(
             [(0, max_completion_tokens(requests[idxs[0]]))]
         ):  # checked before the backend starts: no model is loaded just to stop
@@ -360,7 +360,7 @@ class ModelCaller:
 
 
 def _usage(result: GenResult | ScoreResult) -> Usage:
-    """What one answered request cost (see :mod:`rlaif.pipeline.budget`)."""
+    """What one answered request cost (see :mod:`rlaif.calls.budget`)."""
     if isinstance(result, GenResult):
         return usage_of_completions(result.completions)
     return Usage(1, result.scores.prompt_tokens if result.scores is not None else 0)

@@ -20,7 +20,7 @@ from rlaif.errors import DataError
 from rlaif.store.hashing import content_hash
 
 if TYPE_CHECKING:
-    from rlaif.pipeline.config import PipelineConfig
+    from rlaif.config.schema import PipelineConfig
 
 _HH_TURN = re.compile(r"\n\n(Human|Assistant): ?")
 # A lone UTF-16 surrogate (JSON's "\\ud800") decodes to a str no file or tokenizer can encode;

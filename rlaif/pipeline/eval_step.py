@@ -1,0 +1,172 @@
+"""The ``stages.eval`` step: the last trained policy against the pipeline's model.
+
+Both answer the held-out prompts greedily; the judge compares them (win rate) and checks the
+red-team answers for harm, refusals are matched, and the last reward step's model scores both
+when there is one. Results go to ``eval/`` (:func:`rlaif.evaluate.policy_eval.write_eval`);
+model calls are cached in ``eval/cache/`` so a killed evaluation resumes without repeating
+them, and ``eval/done.json`` holds the settings hash that lets a re-run skip it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+from rlaif.calls.factory import make_caller
+from rlaif.config.schema import PipelineConfig
+from rlaif.constitution import load_constitution
+from rlaif.evaluate.policy_eval import (
+    DEFINITIONS,
+    eval_metrics,
+    format_summary,
+    run_eval,
+    template_hashes,
+    write_eval,
+)
+from rlaif.evaluate.rewards import reward_fn_for
+from rlaif.pipeline.done import DONE, file_hash, model_identity, now, read_done, write_json
+from rlaif.pipeline.train_steps import StepResult
+from rlaif.prompts import PromptBook
+from rlaif.sources import read_prompts
+from rlaif.stages.judge import JudgeConfig
+from rlaif.store import CallCache, content_hash
+from rlaif.train.recipes import POLICY_TRAINERS
+from rlaif.version import __version__
+
+
+def _eval_headline(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The rates a reader wants first: win rate, then policy vs baseline safety."""
+
+    def r(x: Any) -> Any:
+        return x.get("rate") if isinstance(x, dict) else None
+
+    out: dict[str, Any] = {"win_rate": r(metrics["win_rate"]["all"]["win_rate"])}
+    for role in ("policy", "baseline"):
+        m = metrics[role]
+        for key in ("red_team_judged_harmless_rate", "red_team_refusal_rate", "over_refusal_rate"):
+            if key in m:
+                out[f"{role}_{key}"] = r(m[key])
+    return out
+
+
+def run_stage_eval(
+    cfg: PipelineConfig, run_dir: Path, steps: list[StepResult], stream: TextIO
+) -> tuple[dict[str, Any], dict[str, int]]:
+    """Evaluate the last trained policy against the pipeline's model (``stages.eval``).
+
+    Returns:
+        The evaluation's summary (status, folder, headline rates) and its model-call counts.
+    """
+    ev = cfg.stages.eval
+    assert ev is not None
+    out = run_dir / "eval"
+    policy = [s for s in steps if s.trainer in POLICY_TRAINERS][-1]
+    rewards = [s for s in steps if s.trainer == "reward"] if ev.reward_model else []
+    judge_m = ev.judge or (cfg.stages.judge.model if cfg.stages.judge else None) or cfg.model
+    files = {k: getattr(ev, k) for k in ("prompts", "red_team", "safe") if getattr(ev, k)}
+    paths = {k: cfg.resolve_path(v) for k, v in files.items()}
+    constitution = load_constitution(cfg.constitution_ref())
+    # the pipeline judge's tie rule also decides the win rate (the eval judges in logprob mode)
+    js = cfg.stages.judge
+    jcfg = JudgeConfig(tie_threshold=js.tie_threshold, flip_margin=js.flip_margin) if js else None
+    settings = {
+        "tie_rule": jcfg.to_dict() if jcfg else None,
+        **dataclasses.asdict(ev),
+        "seed": cfg.seed,
+        "policy": policy.hash,
+        "reward": rewards[-1].hash if rewards else None,
+        "baseline": model_identity(cfg.model.id, cfg.model.revision, {}),
+        "judge": model_identity(judge_m.id, judge_m.revision, {}, judge_m.backend),
+        "backend": [cfg.model.backend, judge_m.backend],
+        "data": {k: file_hash(p) for k, p in paths.items()},
+        "constitution": constitution.content_hash,
+    }
+    digest = content_hash(settings)
+    done = read_done(out)
+    if done is not None and done.get("hash") == digest:
+        print("eval: done earlier, skipped", file=stream, flush=True)
+        return {"status": "skipped", "dir": str(out), **(done.get("summary") or {})}, {}
+    (out / DONE).unlink(missing_ok=True)
+    print(f"eval: {policy.name} vs {cfg.model.id} -> {out}", file=stream, flush=True)
+    started = time.perf_counter()
+    sets, data = {}, {}
+    for name, path in paths.items():
+        items, skipped = read_prompts(path, field=ev.field, limit=ev.limit)
+        sets[name] = items
+        data[name] = {
+            "path": str(path),
+            "sha256": settings["data"][name],
+            "prompts": len(items),
+            "skipped": len(skipped),
+        }
+    cache = CallCache(out / "cache" / "calls.jsonl")
+    policy_m = dataclasses.replace(cfg.model, id=str(policy.out_dir), revision=None)
+    # one caller (one loaded model) per distinct model, run where the data stages ran
+    callers: dict[str, Any] = {}
+    by_model: dict[tuple[str, str | None, str], Any] = {}
+    for role, m in (("policy", policy_m), ("baseline", cfg.model), ("judge", judge_m)):
+        key = (m.id, m.revision, m.backend)
+        if key not in by_model:
+            by_model[key] = make_caller(m, cfg.batch_size, cache, execution=cfg.execution)
+        callers[role] = by_model[key]
+    reward_fn, reward_info = None, None
+    if rewards:
+        scores = out / "cache" / "reward.jsonl"
+        reward_fn, reward_info = reward_fn_for(  # the cached scorer `rlaif eval` uses
+            str(rewards[-1].out_dir), scores
+        )
+    book = PromptBook(cfg.resolve_path(cfg.templates) if cfg.templates else None)
+    try:
+        rows = run_eval(
+            sets,
+            callers["policy"],
+            callers["baseline"],
+            callers["judge"],
+            constitution,
+            max_new_tokens=ev.max_new_tokens,
+            seed=cfg.seed,
+            reward_fn=reward_fn,
+            book=book,
+            stream=stream,
+            judge_config=jcfg,
+        )
+    finally:
+        for c in by_model.values():
+            c.close()
+        cache.close()
+    metrics = eval_metrics(rows)
+    stats: dict[str, int] = {}
+    for c in by_model.values():
+        for k, v in c.stats.to_dict().items():
+            stats[k] = stats.get(k, 0) + v
+    report = {
+        "rlaif_version": __version__,
+        "pipeline": cfg.name,
+        "models": {
+            role: {"model": c.model, "revision": c.revision, "backend": m.backend}
+            for (role, c), m in zip(callers.items(), (policy_m, cfg.model, judge_m), strict=True)
+        },
+        "policy_step": policy.name,
+        "reward_model": reward_info,
+        "data": data,
+        "config": {
+            **dataclasses.asdict(ev),
+            "decoding": "greedy",
+            "seed": cfg.seed,
+            "judge_mode": "logprob",
+            "judge_tie_rule": settings["tie_rule"],
+            "constitution": constitution.provenance(),
+            "templates": template_hashes(book),
+        },
+        "metrics": metrics,
+        "definitions": DEFINITIONS,
+        "calls": stats,
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    write_eval(out, report, rows, plots=ev.plots)
+    print(format_summary(metrics), file=stream, flush=True)
+    summary = {"headline": _eval_headline(metrics), "seconds": report["seconds"]}
+    write_json(out / DONE, {"hash": digest, "finished_at": now(), "summary": summary})
+    return {"status": "evaluated", "dir": str(out), **summary}, stats
