@@ -633,6 +633,8 @@ def test_write_atomic_replaces_whole_and_keeps_the_old_file_on_failure(tmp_path)
         write_atomic(path, "new", check=refuse)
     assert path.read_text() == '{"a": [1.5], "b": 1}\n'
     assert [p.name for p in path.parent.iterdir()] == ["a.json"]  # no temporary left
+    write_atomic(path, (f"{i}\n" for i in range(3)))  # text in pieces, never joined whole
+    assert path.read_text() == "0\n1\n2\n"
 
 
 def test_remove_stale_keeps_live_writers_files(tmp_path):

@@ -64,9 +64,7 @@ def sl_cai_rows(
 
 def write_jsonl(rows: list[dict[str, Any]], path: Path) -> None:
     """Replace ``path`` atomically with one JSON line per row (keys sorted, UTF-8 as is)."""
-    write_atomic(
-        path, "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rows)
-    )
+    write_atomic(path, (json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rows))
 
 
 SFT_COLUMNS = ("messages", "prompt_id")

@@ -19,7 +19,7 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +71,7 @@ def remove_stale(path: Path) -> None:
 
 def write_atomic(
     path: str | Path,
-    data: str | bytes,
+    data: str | bytes | Iterable[str],
     *,
     check: Callable[[Path], Any] | None = None,
 ) -> Path:
@@ -79,7 +79,8 @@ def write_atomic(
 
     Args:
         path: the file to write; its folder is created when missing.
-        data: the whole new content.
+        data: the whole new content, or its text in pieces (written as they come, so a large
+            file never sits in memory whole).
         check: called with the written temporary file before it replaces ``path`` (e.g. to
             validate a constitution by loading it); whatever it raises leaves ``path`` untouched.
 
@@ -95,7 +96,11 @@ def write_atomic(
     tmp = temp_sibling(path)
     try:
         with open(tmp, "wb") as fh:
-            fh.write(data.encode("utf-8") if isinstance(data, str) else data)
+            if isinstance(data, (str, bytes)):
+                fh.write(data.encode("utf-8") if isinstance(data, str) else data)
+            else:
+                for piece in data:
+                    fh.write(piece.encode("utf-8"))
             fh.flush()
             os.fsync(fh.fileno())
         if check is not None:
