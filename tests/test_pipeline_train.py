@@ -222,7 +222,7 @@ stages:
 @pytest.mark.parametrize(
     ("steps", "field", "line", "words"),
     [
-        ("    - {name: a, trainer: sft}\n", "stages.train[0].trainer", 7, "not one of reward"),
+        ("    - {name: a, trainer: kto}\n", "stages.train[0].trainer", 7, "not one of sft, reward"),
         ("    - {name: a, trainer: ppo}\n", "stages.train[0].trainer", 7, "add a 'reward' step"),
         (
             "    - {name: a, trainer: dpo}\n    - {name: a, trainer: dpo}\n",

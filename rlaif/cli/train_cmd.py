@@ -1,4 +1,4 @@
-"""``rlaif train reward|dpo|grpo|rloo|ppo [CONFIG] [--set key=value ...] [--out DIR]``.
+"""``rlaif train sft|reward|dpo|grpo|rloo|ppo [CONFIG] [--set key=value ...] [--out DIR]``.
 
 Each recipe reads its YAML config (see ``configs/train/``), applies the overrides, trains, and
 prints where the model, ``metrics.json`` and the curves went. The work is in
@@ -22,7 +22,7 @@ _SHOWN = (
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``rlaif train`` and its recipes to the top-level parser."""
-    p = sub.add_parser("train", help="train a reward model or a policy (reward, dpo, grpo, ...)")
+    p = sub.add_parser("train", help="train a policy or a reward model (sft, dpo, reward, ...)")
     recipes = p.add_subparsers(dest="recipe", metavar="RECIPE", required=True)
     for name, recipe in RECIPES.items():
         what = recipe.help

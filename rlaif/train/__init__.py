@@ -1,4 +1,4 @@
-"""Training recipes over TRL: reward model, DPO, GRPO / RLOO (and PPO in ``ppo.py``).
+"""Training recipes over TRL: SFT, reward model, DPO, GRPO / RLOO (and PPO in ``ppo.py``).
 
 Each recipe is ``train_<name>(cfg) -> TrainResult`` with its config dataclass, and
 :data:`~rlaif.train.recipes.RECIPES` lists them. The shared pieces: configs

@@ -55,6 +55,8 @@ class Recipe:
 RECIPES: dict[str, Recipe] = {
     r.name: r
     for r in (
+        Recipe("sft", "rlaif.train.sft", "SFTTrainConfig", "train_sft",
+               "supervised fine-tuning on chat data (SL-CAI)", policy=True),
         Recipe("reward", "rlaif.train.reward", "RewardTrainConfig", "train_reward",
                "train a reward model", policy=False),
         Recipe("dpo", "rlaif.train.dpo", "DPOTrainConfig", "train_dpo",
