@@ -20,6 +20,7 @@ def make_caller(
     cache: CallCache,
     backend: Backend | None = None,
     execution: ExecutionConfig | None = None,
+    name: str | None = None,
 ) -> ModelCaller:
     """A :class:`ModelCaller` whose backend is loaded only when a request misses the cache.
 
@@ -34,6 +35,9 @@ def make_caller(
         execution: ``mode: ray`` runs the model on a pool of Ray workers
             (:class:`~rlaif.backends.ray_backend.RayBackend`); each call then carries
             ``workers`` x the per-worker batch. Cache keys and records do not change.
+        name: what cache keys and records call the model instead of ``m.id`` (a model an
+            earlier pipeline step trained is ``step:<name>``, wherever its run dir lies;
+            its revision is the hash of its weights either way).
     """
     if backend is not None:
         return ModelCaller(
@@ -65,7 +69,7 @@ def make_caller(
         from rlaif.backends import resolve_model
 
         resolved = resolve_model(m.id, revision=m.revision, trust_remote_code=m.trust_remote_code)
-        model_id, revision = resolved.model_id, resolved.revision
+        model_id, revision = name or resolved.model_id, resolved.revision
         options = {"revision": m.revision, "trust_remote_code": m.trust_remote_code, **m.options}
         if kind == "transformers":
             options.setdefault("batch_size", batch_size)

@@ -18,6 +18,7 @@ from rlaif.errors import ConfigError
 from rlaif.resources import resource_dir
 
 if TYPE_CHECKING:
+    from rlaif.config.schema import PipelineConfig
     from rlaif.pipeline.estimate import Estimate
 
 
@@ -66,12 +67,21 @@ def run_command(args: argparse.Namespace) -> int:
     from rlaif.pipeline import load_pipeline, run_pipeline
 
     cfg = load_pipeline(find_pipeline(args.pipeline), args.overrides)
+    if args.dry_run and cfg.steps:
+        from rlaif.pipeline.step_runner import estimate_steps
+
+        for p, est in estimate_steps(cfg, out=args.out, retry_errors=args.retry_errors):
+            print(f"step {p.name} ({p.trainer or p.kind})", end="")
+            print(":\n" + textwrap.indent(format_estimate(est), "  ") if est else ": not estimated")
+        return 0
     if args.dry_run:
         from rlaif.pipeline.estimate import estimate_pipeline
 
         print(format_estimate(estimate_pipeline(cfg, out=args.out, retry_errors=args.retry_errors)))
         return 0
     try:
+        if cfg.steps:
+            return _run_steps(cfg, args)
         result = run_pipeline(cfg, out=args.out, retry_errors=args.retry_errors)
     except BudgetExceeded as exc:
         print(f"rlaif: stopped: {exc}", file=sys.stderr)
@@ -110,6 +120,33 @@ def run_command(args: argparse.Namespace) -> int:
     if not args.quiet:
         _show_rows(result.exports.get("pairs") or [], cfg.stages.export.show)
     return 0
+
+
+def _run_steps(cfg: PipelineConfig, args: argparse.Namespace) -> int:
+    """A pipeline of ``steps:``: run them, then one line per step."""
+    from rlaif.pipeline import run_steps
+
+    result = run_steps(cfg, out=args.out, retry_errors=args.retry_errors)
+    print(f"\nrun dir: {result.run_dir}")
+    for o in result.steps:
+        what = o.trainer or o.kind
+        shown = [(k, v) for k, v in o.numbers.items() if v is not None and k != "seconds"]
+        if o.kind == "eval":  # the policy's rates; the baseline's are in its eval.json
+            shown = [(k, v) for k, v in shown if not k.startswith("baseline_")]
+        numbers = ", ".join(f"{k.removeprefix('policy_')} {_short(v)}" for k, v in shown[:4])
+        print(f"  {o.name:<22} {what:<6} {o.status:<8} {o.seconds:>8.1f} s  {numbers}")
+    stats = result.stats
+    print(
+        f"  model calls {stats.get('model_calls', 0)}, cache hits {stats.get('cache_hits', 0)}, "
+        f"{result.seconds:.1f} s; steps: {result.run_dir / 'steps.json'}"
+    )
+    if result.rounds:
+        print(f"  by round: {result.run_dir / 'rounds.json'} (plot: rounds.png)")
+    return 0
+
+
+def _short(v: object) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
 
 
 def _show_rows(pairs: list[dict], n: int) -> None:

@@ -103,11 +103,13 @@ class TrainStepConfig:
 
     Attributes:
         name: the step's folder under ``RUN_DIR/train/``; unique within the pipeline.
-        trainer: a recipe of :data:`rlaif.train.recipes.RECIPES` (reward, dpo, grpo, rloo, ppo).
+        trainer: a recipe of :data:`rlaif.train.recipes.RECIPES` (sft, reward, dpo, grpo,
+            rloo, ppo).
         config: a training YAML (``configs/train/*.yaml``), relative to the pipeline file;
             None starts from the recipe's defaults.
         data: reward / dpo: ``auto`` (the judged preferences when ``stages.judge`` runs, else
-            the CAI-SL pairs), ``preferences`` or ``pairs``.
+            the CAI-SL pairs), ``preferences`` or ``pairs``; sft: ``auto`` or ``sft`` (the
+            final revisions).
         set: overrides of the training config (``{max_steps: 20, lora: {r: 4}}``), applied
             after the pipeline's wiring of model, data, reward model and output.
     """
@@ -145,6 +147,60 @@ class EvalStageConfig:
     judge: ModelConfig | None = None
     reward_model: bool = True
     plots: bool = True
+
+
+@dataclass
+class StepConfig:
+    """One entry of a pipeline's ``steps:`` list (:mod:`rlaif.pipeline.plan`): a data step, a
+    training step, an evaluation or a block of rounds, told apart by the keys it sets.
+
+    A model reference (``model``, ``judge_model``, ``baseline``) is ``base`` (the pipeline's
+    model), ``policy`` (the newest policy an earlier training step produced, else the base)
+    or the name of an earlier training step.
+
+    Attributes:
+        name: the step's folder under ``RUN_DIR/steps/``; unique among its siblings.
+        model: a data step's policy, the model a training step starts from, or the policy an
+            evaluation tests. Default: ``policy`` (``base`` for a reward step).
+        critique_revise, sample, judge, export: a data step: the ``stages:`` sections of the
+            same names, run on ``model`` (records, caches and exports in the step's folder).
+        judge_model: the judge of a data step (default ``base``), unless ``judge.model`` names
+            a model outright.
+        prompts: a data step's prompts (default: the pipeline's ``prompts``).
+        trainer: a training step: a recipe (sft, reward, dpo, grpo, rloo, ppo).
+        config, set: the training YAML (relative to the pipeline file) and its overrides.
+        data: the data step whose export a training step reads (default: the last one).
+        dataset: which export: ``auto`` (sft: the final revisions; reward / dpo: the judged
+            preferences when that step judged, else the CAI-SL pairs), ``sft``,
+            ``preferences`` or ``pairs``.
+        reward: the reward step an online RL step (ppo, grpo, rloo) scores with (default:
+            the last earlier one).
+        eval: an evaluation: ``model`` against ``baseline`` (default ``base``).
+        rounds: a block: ``steps`` repeated ``rounds`` times, each round in
+            ``RUN_DIR/steps/<name>/<k>/``; ``policy`` in round k starts where round k-1 ended.
+        rotate_prompts: in a block, round k's data steps take the next ``prompts.limit``
+            prompts (``offset + (k - 1) * limit``) instead of the same ones.
+    """
+
+    name: str = ""
+    model: str | None = None
+    critique_revise: CritiqueReviseConfig | None = None
+    sample: GenerationConfig | None = None
+    judge: JudgeStageConfig | None = None
+    export: ExportConfig = field(default_factory=ExportConfig)
+    judge_model: str | None = None
+    prompts: PromptSourceConfig | None = None
+    trainer: str = ""
+    config: str | None = None
+    data: str | None = None
+    dataset: str = "auto"
+    reward: str | None = None
+    set: dict[str, Any] = field(default_factory=dict)
+    eval: EvalStageConfig | None = None
+    baseline: str = "base"
+    rounds: int | None = None
+    rotate_prompts: bool = False
+    steps: list[StepConfig] = field(default_factory=list)
 
 
 @dataclass
@@ -228,8 +284,14 @@ class PipelineConfig:
     stages: StagesConfig = field(default_factory=StagesConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)  # caps on calls/tokens/$
     execution: ExecutionConfig = field(default_factory=ExecutionConfig)
+    # the ordered form: data, training and evaluation steps (and blocks of rounds) in the
+    # order they run, each able to use the models earlier steps trained; instead of `stages`
+    steps: list[StepConfig] = field(default_factory=list)
     # the pipeline file, for resolving relative paths; set by the loader, not by users
     path: str | None = field(default=None, metadata={"internal": True})
+    # a data step of the `steps:` form: which training steps made its model and judge
+    # ({"model": {"step": name, "hash": ...}}); set by the step runner, kept in provenance
+    model_from: dict[str, Any] = field(default_factory=dict, metadata={"internal": True})
 
     def resolve_path(self, value: str) -> Path:
         """A path from the pipeline file, relative to that file's folder."""
@@ -247,6 +309,9 @@ class PipelineConfig:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d.pop("path")
+        d.pop("model_from")
+        if not d["steps"]:  # the stages form: its manifests stay as they were
+            d.pop("steps")
         return d
 
 

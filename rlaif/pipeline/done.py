@@ -32,7 +32,9 @@ def data_hash(path: Path) -> str | None:
     """A content hash of a data file or folder (None when it does not exist).
 
     A ``save_to_disk`` folder is rewritten by every export with a fresh ``state.json``
-    fingerprint, so only its data and schema files count; the rows decide, not the write.
+    fingerprint, and a trainer reading it leaves ``cache-*.arrow`` files of its ``map`` calls
+    beside the data, so only the data and schema files count; the rows decide, not the write
+    or the reader.
     """
     if path.is_file():
         return file_hash(path)
@@ -41,7 +43,10 @@ def data_hash(path: Path) -> str | None:
     files = sorted(
         p
         for p in path.rglob("*")
-        if p.is_file() and p.name != "state.json" and not p.name.startswith(".")
+        if p.is_file()
+        and p.name != "state.json"
+        and not p.name.startswith(".")
+        and not (p.name.startswith("cache-") and p.suffix == ".arrow")
     )
     return content_hash([[str(p.relative_to(path)), file_hash(p)] for p in files])
 
@@ -76,10 +81,11 @@ def write_json(path: Path, data: Any) -> None:
     write_json_atomic(path, clean(data), indent=1, sort_keys=True, allow_nan=False)
 
 
-def read_done(folder: Path) -> dict[str, Any] | None:
-    """The ``done.json`` of a step or of the evaluation, or None (missing or unreadable)."""
+def read_done(folder: Path, name: str = DONE) -> dict[str, Any] | None:
+    """The ``done.json`` (or another JSON file ``name``) of a step or of the evaluation, or
+    None (missing or unreadable)."""
     try:
-        data = json.loads((folder / DONE).read_text(encoding="utf-8"))
+        data = json.loads((folder / name).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from rlaif.calls.factory import make_caller
-from rlaif.config.schema import PipelineConfig
+from rlaif.config.schema import EvalStageConfig, JudgeStageConfig, ModelConfig, PipelineConfig
 from rlaif.constitution import load_constitution
 from rlaif.evaluate.policy_eval import (
     DEFINITIONS,
@@ -61,23 +61,57 @@ def run_stage_eval(
     """
     ev = cfg.stages.eval
     assert ev is not None
-    out = run_dir / "eval"
     policy = [s for s in steps if s.trainer in POLICY_TRAINERS][-1]
     rewards = [s for s in steps if s.trainer == "reward"] if ev.reward_model else []
-    judge_m = ev.judge or (cfg.stages.judge.model if cfg.stages.judge else None) or cfg.model
+    baseline_id = model_identity(cfg.model.id, cfg.model.revision, {})
+    return evaluate_policy(
+        cfg, ev, run_dir / "eval", policy, cfg.model, baseline_id, rewards[-1] if rewards else None,
+        cfg.stages.judge, stream,
+    )  # fmt: skip
+
+
+def evaluate_policy(
+    cfg: PipelineConfig,
+    ev: EvalStageConfig,
+    out: Path,
+    policy: StepResult,
+    baseline_m: ModelConfig,
+    baseline_id: Any,
+    reward: StepResult | None,
+    js: JudgeStageConfig | None,
+    stream: TextIO,
+) -> tuple[dict[str, Any], dict[str, int]]:
+    """Evaluate ``policy``'s model against ``baseline_m`` into ``out``, or skip it when its
+    ``done.json`` holds the same settings hash.
+
+    Args:
+        cfg: the pipeline (seed, judge tie rule, constitution, templates, execution).
+        ev: what to evaluate on and how.
+        out: the evaluation's folder.
+        policy: the training step whose model is tested.
+        baseline_m, baseline_id: the model it is compared with, and that model's identity
+            in the hash (a step's hash for a trained model, else its revision).
+        reward: the reward step whose model also scores both, or None.
+        js: the pipeline's judge section: its model judges unless ``ev.judge`` names one,
+            and its tie rule decides the win rate; None: the pipeline's model, default rule.
+        stream: where progress goes.
+
+    Returns:
+        The evaluation's summary (status, folder, headline rates) and its model-call counts.
+    """
+    judge_m = ev.judge or (js.model if js else None) or cfg.model
     files = {k: getattr(ev, k) for k in ("prompts", "red_team", "safe") if getattr(ev, k)}
     paths = {k: cfg.resolve_path(v) for k, v in files.items()}
     constitution = load_constitution(cfg.constitution_ref())
     # the pipeline judge's tie rule also decides the win rate (the eval judges in logprob mode)
-    js = cfg.stages.judge
     jcfg = JudgeConfig(tie_threshold=js.tie_threshold, flip_margin=js.flip_margin) if js else None
     settings = {
         "tie_rule": jcfg.to_dict() if jcfg else None,
         **dataclasses.asdict(ev),
         "seed": cfg.seed,
         "policy": policy.hash,
-        "reward": rewards[-1].hash if rewards else None,
-        "baseline": model_identity(cfg.model.id, cfg.model.revision, {}),
+        "reward": reward.hash if reward else None,
+        "baseline": baseline_id,
         "judge": model_identity(judge_m.id, judge_m.revision, {}, judge_m.backend),
         "backend": [cfg.model.backend, judge_m.backend],
         "data": {k: file_hash(p) for k, p in paths.items()},
@@ -89,7 +123,7 @@ def run_stage_eval(
         print("eval: done earlier, skipped", file=stream, flush=True)
         return {"status": "skipped", "dir": str(out), **(done.get("summary") or {})}, {}
     (out / DONE).unlink(missing_ok=True)
-    print(f"eval: {policy.name} vs {cfg.model.id} -> {out}", file=stream, flush=True)
+    print(f"eval: {policy.name} vs {baseline_m.id} -> {out}", file=stream, flush=True)
     started = time.perf_counter()
     sets, data = {}, {}
     for name, path in paths.items():
@@ -106,16 +140,16 @@ def run_stage_eval(
     # one caller (one loaded model) per distinct model, run where the data stages ran
     callers: dict[str, Any] = {}
     by_model: dict[tuple[str, str | None, str], Any] = {}
-    for role, m in (("policy", policy_m), ("baseline", cfg.model), ("judge", judge_m)):
+    for role, m in (("policy", policy_m), ("baseline", baseline_m), ("judge", judge_m)):
         key = (m.id, m.revision, m.backend)
         if key not in by_model:
             by_model[key] = make_caller(m, cfg.batch_size, cache, execution=cfg.execution)
         callers[role] = by_model[key]
     reward_fn, reward_info = None, None
-    if rewards:
+    if reward is not None:
         scores = out / "cache" / "reward.jsonl"
         reward_fn, reward_info = reward_fn_for(  # the cached scorer `rlaif eval` uses
-            str(rewards[-1].out_dir), scores
+            str(reward.out_dir), scores
         )
     book = PromptBook(cfg.resolve_path(cfg.templates) if cfg.templates else None)
     try:
@@ -146,7 +180,7 @@ def run_stage_eval(
         "pipeline": cfg.name,
         "models": {
             role: {"model": c.model, "revision": c.revision, "backend": m.backend}
-            for (role, c), m in zip(callers.items(), (policy_m, cfg.model, judge_m), strict=True)
+            for (role, c), m in zip(callers.items(), (policy_m, baseline_m, judge_m), strict=True)
         },
         "policy_step": policy.name,
         "reward_model": reward_info,

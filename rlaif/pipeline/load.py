@@ -10,14 +10,25 @@ model loads.
 
 from __future__ import annotations
 
+import dataclasses
 import re
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from rlaif.config.binder import apply_override, bind, locate
-from rlaif.config.schema import CHOICES, ModelConfig, PipelineConfig
+from rlaif.config.schema import (
+    CHOICES,
+    EvalStageConfig,
+    ModelConfig,
+    PipelineConfig,
+    StagesConfig,
+    StepConfig,
+)
 from rlaif.errors import ConfigError
 from rlaif.export.filters import PreferenceExportConfig
-from rlaif.pipeline.train_steps import step_config
+from rlaif.pipeline.plan import KEYS, PlannedStep, plan_steps
+from rlaif.pipeline.train_steps import build_config, step_config, wire
 from rlaif.stages.judge import judge_config
 from rlaif.train.recipes import ONLINE_TRAINERS, POLICY_TRAINERS, TRAINERS
 from rlaif.yamlio import LineDict, load_yaml
@@ -44,7 +55,10 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> Pipel
     cfg = bind(PipelineConfig, raw, str(path))
     cfg.path = str(path)
     _resolve_auto_backends(cfg)
-    _check(cfg, raw, str(path))
+    if cfg.steps:
+        _check_steps(cfg, raw, str(path))
+    else:
+        _check(cfg, raw, str(path))
     return cfg
 
 
@@ -52,10 +66,13 @@ def _resolve_auto_backends(cfg: PipelineConfig) -> None:
     """``backend: auto`` becomes the concrete kind here, so records, manifests and every
     stage see what actually runs (see :func:`rlaif.backends.auto_backend_kind`)."""
     models = [cfg.model]
-    if cfg.stages.judge is not None:
-        models += [cfg.stages.judge.model, *cfg.stages.judge.extra_models]
-    if cfg.stages.eval is not None:
-        models.append(cfg.stages.eval.judge)
+    sections = [(cfg.stages.judge, cfg.stages.eval)]
+    sections += [(s.judge, s.eval) for s in _all_steps(cfg.steps)]
+    for judge, ev in sections:
+        if judge is not None:
+            models += [judge.model, *judge.extra_models]
+        if ev is not None:
+            models.append(ev.judge)
     if any(isinstance(m, ModelConfig) and m.backend == "auto" for m in models):
         from rlaif.backends import auto_backend_kind
 
@@ -185,12 +202,19 @@ def _check_post(cfg: PipelineConfig, raw: LineDict, f: str) -> None:
         seen.add(step.name)
         if step.trainer not in TRAINERS:
             fail(f"'{step.trainer}' is not one of {', '.join(TRAINERS)}", f"{at}.trainer")
-        if step.data not in ("auto", "preferences", "pairs"):
-            fail(f"'{step.data}' is not one of auto, preferences, pairs", f"{at}.data")
-        if step.trainer not in ONLINE_TRAINERS:  # reads preference data
+        if step.data not in ("auto", "preferences", "pairs", "sft"):
+            fail(f"'{step.data}' is not one of auto, preferences, pairs, sft", f"{at}.data")
+        if (step.trainer == "sft") != (step.data in ("auto", "sft")) and step.data != "auto":
+            fail("sft trains on the sft export; the other recipes on pairs", f"{at}.data")
+        if step.trainer not in ONLINE_TRAINERS:  # reads preference or SFT data
             judged = cfg.stages.judge is not None
             pairs = cfg.stages.critique_revise is not None and cfg.stages.export.pairs
             data = step.data if step.data != "auto" else ("preferences" if judged else "pairs")
+            if step.trainer == "sft":
+                data = "sft"
+            if data == "sft" and not (cfg.stages.critique_revise and cfg.stages.export.sft):
+                fail("no SFT data: add stages.critique_revise with export.sft: true",
+                     f"{at}.data")  # fmt: skip
             if data == "preferences" and not judged:
                 fail("no judged preferences: add stages.judge", f"{at}.data")
             if data == "pairs" and not pairs:
@@ -208,30 +232,135 @@ def _check_post(cfg: PipelineConfig, raw: LineDict, f: str) -> None:
         reward_before = reward_before or step.trainer == "reward"
         if step.config is not None and not cfg.resolve_path(step.config).is_file():
             fail(f"no such file: {cfg.resolve_path(step.config)}", f"{at}.config")
-        try:
-            step_config(cfg, i, Path("RUN_DIR"))
-        except ConfigError as exc:
-            if exc.file != "--set":  # the step's own config file: its location is exact
-                raise
-            top = (exc.field or "").split(".")[0]
-            inner = f"{at}.set.{exc.field}" if top in step.set else at
-            file, line = locate(raw, f"{at}.set.{top}" if top in step.set else at, f)
-            raise ConfigError(exc.message, file=file, line=line, field=inner) from None
+        _check_train_config(lambda i=i: step_config(cfg, i, Path("RUN_DIR")), step.set, at, raw, f)
     if ev is None:
         return
     if not any(s.trainer in POLICY_TRAINERS for s in steps):
-        fail("no policy to evaluate: add a dpo, ppo, grpo or rloo step to stages.train",
+        fail("no policy to evaluate: add an sft, dpo, ppo, grpo or rloo step to stages.train",
              "stages.eval")  # fmt: skip
+    _check_eval(cfg, ev, "stages.eval", fail)
+
+
+def _check_train_config(
+    build: Callable[[], Any], user_set: dict[str, Any], at: str, raw: LineDict, f: str
+) -> None:
+    """Build a training step's config once with placeholder paths: a bad ``set`` key or a
+    bad value in the step's config file fails here, before any model call."""
+    try:
+        build()
+    except ConfigError as exc:
+        if exc.file != "--set":  # the step's own config file: its location is exact
+            raise
+        top = (exc.field or "").split(".")[0]
+        inner = f"{at}.set.{exc.field}" if top in user_set else at
+        file, line = locate(raw, f"{at}.set.{top}" if top in user_set else at, f)
+        raise ConfigError(exc.message, file=file, line=line, field=inner) from None
+
+
+def _check_eval(
+    cfg: PipelineConfig, ev: EvalStageConfig, at: str, fail: Callable[[str, str], None]
+) -> None:
     if not (ev.red_team or ev.safe or ev.prompts):
-        fail("nothing to evaluate: set red_team, safe and/or prompts", "stages.eval")
+        fail("nothing to evaluate: set red_team, safe and/or prompts", at)
     for key in ("red_team", "safe", "prompts"):
         value = getattr(ev, key)
         if value and not cfg.resolve_path(value).is_file():
-            fail(f"no such file: {cfg.resolve_path(value)}", f"stages.eval.{key}")
+            fail(f"no such file: {cfg.resolve_path(value)}", f"{at}.{key}")
     if ev.limit is not None and ev.limit < 1:
-        fail("must be at least 1", "stages.eval.limit")
+        fail("must be at least 1", f"{at}.limit")
     if ev.max_new_tokens < 1:
-        fail("must be at least 1", "stages.eval.max_new_tokens")
+        fail("must be at least 1", f"{at}.max_new_tokens")
     if ev.judge is not None and ev.judge.backend not in CHOICES["model.backend"]:
         allowed = ", ".join(CHOICES["model.backend"])
-        fail(f"'{ev.judge.backend}' is not one of {allowed}", "stages.eval.judge.backend")
+        fail(f"'{ev.judge.backend}' is not one of {allowed}", f"{at}.judge.backend")
+
+
+def _all_steps(steps: list[StepConfig]) -> list[StepConfig]:
+    """Every step, the steps of blocks included (each once)."""
+    return [x for s in steps for x in (s, *_all_steps(s.steps))]
+
+
+def _node(raw: Any, dotted: str) -> Any:
+    """The loaded YAML at ``steps[2].steps[0]``."""
+    for part in re.split(r"\.|(?=\[)", dotted):
+        index = re.fullmatch(r"\[(\d+)\]", part)
+        raw = raw[int(index[1])] if index else raw[part]
+    return raw
+
+
+def _check_steps(cfg: PipelineConfig, raw: LineDict, f: str) -> None:
+    """The checks of a ``steps:`` pipeline: each step's keys, every reference (through
+    :func:`rlaif.pipeline.plan.plan_steps`), and each step's settings as the stages form
+    checks them."""
+
+    def fail(msg: str, dotted: str) -> None:
+        file, line = locate(raw, dotted, f)
+        raise ConfigError(msg, file=file, line=line, field=dotted)
+
+    if "stages" in raw:
+        fail("use stages (one pass) or steps (in order), not both", "stages")
+    try:
+        plan = plan_steps(cfg)
+    except ConfigError as exc:
+        fail(exc.message, exc.field or "steps")
+    checked: set[str] = set()  # a block's steps repeat in every round: check them once
+    for p in plan:
+        if p.at in checked:
+            continue
+        checked.add(p.at)
+        node = _node(raw, p.at)
+        extra = [k for k in node if k != "name" and k not in KEYS[p.kind]]
+        if extra:
+            allowed = ", ".join(sorted(KEYS[p.kind] | {"name"}))
+            fail(f"'{extra[0]}' does not belong in a {p.kind} step (allowed: {allowed})",
+                 f"{p.at}.{extra[0]}")  # fmt: skip
+        local = p.kind != "data" or p.model != "base"  # trains, or runs a trained model
+        if local and cfg.model.backend not in ("transformers", "vllm"):
+            fail(f"training needs local weights (backend transformers or vllm), not "
+                 f"'{cfg.model.backend}'", "model.backend")  # fmt: skip
+        if p.kind == "data":
+            _check_data_step(cfg, p, node, raw, f)
+        elif p.kind == "train":
+            s = p.step
+            if s.config is not None and not cfg.resolve_path(s.config).is_file():
+                fail(f"no such file: {cfg.resolve_path(s.config)}", f"{p.at}.config")
+            wired = wire(
+                s.trainer, s.set, output=Path("RUN_DIR/out"), seed=cfg.seed, model=cfg.model.id,
+                revision=None, trust_remote_code=False, dataset=Path("RUN_DIR/data"),
+                prompts=Path("RUN_DIR/prompts.jsonl"), reward_model=Path("RUN_DIR/reward"),
+            )  # fmt: skip
+            _check_train_config(
+                lambda s=s, w=wired: build_config(cfg, s.trainer, s.config, w, s.set),
+                s.set, p.at, raw, f,
+            )  # fmt: skip
+        else:
+            assert p.step.eval is not None
+            _check_eval(cfg, p.step.eval, f"{p.at}.eval", fail)
+
+
+def _check_data_step(cfg: PipelineConfig, p: PlannedStep, node: LineDict, raw: LineDict,
+                     f: str) -> None:  # fmt: skip
+    """A data step is checked as the stages form of a pipeline of its own would be."""
+    s = p.step
+    sub = dataclasses.replace(
+        cfg,
+        prompts=s.prompts or cfg.prompts,
+        stages=StagesConfig(
+            critique_revise=s.critique_revise, sample=s.sample, judge=s.judge, export=s.export
+        ),
+        steps=[],
+    )
+    view = LineDict(raw)
+    view.line, view.key_lines = raw.line, dict(raw.key_lines)
+    view["stages"], view.key_lines["stages"] = node, node.line
+    if "prompts" in node:
+        view["prompts"], view.key_lines["prompts"] = node["prompts"], node.key_lines["prompts"]
+    try:
+        _check(sub, view, f)
+    except ConfigError as exc:
+        field = exc.field or ""
+        if field == "stages" or field.startswith("stages."):
+            field = p.at + field[len("stages") :]
+        elif field.startswith("prompts") and "prompts" in node:
+            field = f"{p.at}.{field}"
+        raise ConfigError(exc.message, file=exc.file, line=exc.line, field=field) from None

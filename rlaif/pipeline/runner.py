@@ -22,6 +22,7 @@ from rlaif.calls.caller import ModelCaller
 from rlaif.calls.factory import make_caller
 from rlaif.config.schema import PipelineConfig
 from rlaif.constitution import Constitution, load_constitution
+from rlaif.errors import ConfigError
 from rlaif.export.card import scrub
 from rlaif.export.filters import PreferenceExportConfig
 from rlaif.export.preferences import export_preferences
@@ -85,6 +86,8 @@ class _Run:
             "seed": self.cfg.seed,
             "rlaif_version": __version__,
         }
+        for role, origin in self.cfg.model_from.items():  # "model_step", "judge_step"
+            p[f"{role}_step"] = origin
         if self.judge_callers:
             p["judge_model"] = self.judge_callers[0].model
             p["judge_revision"] = self.judge_callers[0].revision
@@ -116,19 +119,32 @@ def run_pipeline(
         retry_errors: redo requests that failed in an earlier run.
         stream: where progress goes (default stderr).
     """
+    if cfg.steps:
+        raise ConfigError(
+            "this pipeline has steps: run it with rlaif.pipeline.run_steps", field="steps"
+        )
     t0 = time.perf_counter()
     run_dir = Path(out or cfg.output)
     run_dir.mkdir(parents=True, exist_ok=True)
     with RunLock(run_dir):
         items, dropped = read_pipeline_prompts(cfg)
         cache = CallCache(run_dir / "cache" / "calls.jsonl")
-        caller = make_caller(cfg.model, cfg.batch_size, cache, backend, execution=cfg.execution)
+        named = {role: f"step:{o['step']}" for role, o in cfg.model_from.items()}
+        caller = make_caller(
+            cfg.model, cfg.batch_size, cache, backend, execution=cfg.execution,
+            name=named.get("model"),
+        )  # fmt: skip
         judge_callers: list[ModelCaller] = []
         if cfg.stages.judge is not None:
             jm = cfg.stages.judge.model
             judge_callers.append(
                 make_caller(
-                    jm or cfg.model, cfg.batch_size, cache, judge_backend, execution=cfg.execution
+                    jm or cfg.model,
+                    cfg.batch_size,
+                    cache,
+                    judge_backend,
+                    execution=cfg.execution,
+                    name=named.get("judge"),
                 )
                 if jm or judge_backend
                 else caller

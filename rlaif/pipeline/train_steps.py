@@ -80,20 +80,22 @@ class StepResult:
 
 
 def data_path(run_dir: Path, kind: str) -> Path:
-    """The exported dataset a reward / dpo step reads: ``preferences`` or ``pairs``."""
+    """The exported dataset a step reads: ``preferences``, ``pairs`` or ``sft``."""
     base = run_dir / "export"
     if kind == "preferences":
         candidates = [
             base / "preferences" / v / s for v in ("conversational", "text") for s in ("disk", "")
         ]
     else:
-        candidates = [base / "pairs", base / "pairs.jsonl", base / "pairs.parquet"]
+        candidates = [base / kind, base / f"{kind}.jsonl", base / f"{kind}.parquet"]
     return next((p for p in candidates if p.exists()), candidates[0])
 
 
 def _data_kind(cfg: PipelineConfig, step: TrainStepConfig) -> str:
     if step.data != "auto":
         return step.data
+    if step.trainer == "sft":
+        return "sft"
     return "preferences" if cfg.stages.judge is not None else "pairs"
 
 
@@ -108,51 +110,96 @@ def _flatten(values: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
     return out
 
 
-def _wiring(cfg: PipelineConfig, index: int, run_dir: Path) -> dict[str, Any]:
-    """The fields the pipeline sets on step ``index`` before its own ``set``."""
-    steps = cfg.stages.train
-    step = steps[index]
-    user = {k for k, _ in _flatten(step.set)}
-    wired: dict[str, Any] = {"output": str(run_dir / "train" / step.name), "seed": cfg.seed}
-    earlier = [s for s in steps[:index] if s.trainer in POLICY_TRAINERS]
-    if step.trainer in POLICY_TRAINERS and earlier:
-        wired.update(model=str(run_dir / "train" / earlier[-1].name), revision=None)
+def wire(
+    trainer: str,
+    user_set: dict[str, Any],
+    *,
+    output: Path,
+    seed: int,
+    model: str,
+    revision: str | None,
+    trust_remote_code: bool,
+    dataset: Path | None,
+    prompts: Path | None,
+    reward_model: Path | None,
+) -> dict[str, Any]:
+    """The fields a pipeline sets on a training step before the step's own ``set``.
+
+    Args:
+        trainer: the recipe.
+        user_set: the step's ``set`` (what it names, the pipeline leaves alone).
+        output, seed: where the model goes, and the pipeline's seed.
+        model, revision, trust_remote_code: the model the step starts from.
+        dataset: the export a reward / dpo / sft step trains on, or that an online step's
+            judge reward compares with.
+        prompts: the prompts an online RL step samples on.
+        reward_model: the reward step's model an online RL step scores with.
+    """
+    user = {k for k, _ in _flatten(user_set)}
+    wired: dict[str, Any] = {"output": str(output), "seed": seed}
+    wired.update(model=model, revision=revision, trust_remote_code=trust_remote_code)
+    if trainer not in ONLINE_TRAINERS:  # reads preference or SFT data
+        wired["dataset"] = str(dataset)
     else:
-        wired.update(model=cfg.model.id, revision=cfg.model.revision)
-    wired["trust_remote_code"] = cfg.model.trust_remote_code
-    if step.trainer not in ONLINE_TRAINERS:  # reads preference data
-        wired["dataset"] = str(data_path(run_dir, _data_kind(cfg, step)))
-    else:
-        reward = step.set.get("reward")
+        reward = user_set.get("reward")
         judge = isinstance(reward, dict) and reward.get("kind") == "judge"
         if not user & {"dataset", "prompts"}:
             # exactly one of the two, whatever the step's config file names
             if judge:  # the judge compares with the `chosen` response of the preference data
-                wired.update(dataset=str(data_path(run_dir, _data_kind(cfg, step))), prompts="")
+                wired.update(dataset=str(dataset), prompts="")
             else:
-                prompts = str(run_dir / "train" / PROMPTS)
-                wired.update(prompts=prompts, prompt_field="prompt", dataset="")
-        rewards = [s for s in steps[:index] if s.trainer == "reward"]
-        if not judge and rewards:
+                wired.update(prompts=str(prompts), prompt_field="prompt", dataset="")
+        if not judge and reward_model is not None:
             wired["reward.kind"] = "model"
-            wired["reward.model"] = str(run_dir / "train" / rewards[-1].name)
+            wired["reward.model"] = str(reward_model)
     return {k: v for k, v in wired.items() if k not in user}
 
 
-def step_config(cfg: PipelineConfig, index: int, run_dir: Path) -> Any:
-    """The training config of step ``index``: its file (or the recipe's defaults), the
-    pipeline's wiring, then its ``set`` overrides.
+def _wiring(cfg: PipelineConfig, index: int, run_dir: Path) -> dict[str, Any]:
+    """The fields the pipeline sets on ``stages.train[index]`` before its own ``set``."""
+    steps = cfg.stages.train
+    step = steps[index]
+    earlier = [s for s in steps[:index] if s.trainer in POLICY_TRAINERS]
+    if step.trainer in POLICY_TRAINERS and earlier:
+        model, revision = str(run_dir / "train" / earlier[-1].name), None
+    else:
+        model, revision = cfg.model.id, cfg.model.revision
+    rewards = [s for s in steps[:index] if s.trainer == "reward"]
+    return wire(
+        step.trainer,
+        step.set,
+        output=run_dir / "train" / step.name,
+        seed=cfg.seed,
+        model=model,
+        revision=revision,
+        trust_remote_code=cfg.model.trust_remote_code,
+        dataset=data_path(run_dir, _data_kind(cfg, step)),
+        prompts=run_dir / "train" / PROMPTS,
+        reward_model=run_dir / "train" / rewards[-1].name if rewards else None,
+    )
+
+
+def build_config(
+    cfg: PipelineConfig, trainer: str, config: str | None, wired: dict[str, Any], user_set: dict
+) -> Any:
+    """A training step's config: its file (or the recipe's defaults), the pipeline's wiring,
+    then the step's ``set`` overrides.
 
     Raises:
         ConfigError: from the step's file or its ``set`` (reported as ``--set``).
     """
-    step = cfg.stages.train[index]
-    cls, _ = RECIPES[step.trainer].load()
-    pairs = list(_wiring(cfg, index, run_dir).items()) + _flatten(step.set)
+    cls, _ = RECIPES[trainer].load()
+    pairs = list(wired.items()) + _flatten(user_set)
     # JSON is YAML: every value keeps its type through the override parser
     overrides = [f"{k}={json.dumps(v)}" for k, v in pairs]
-    path = Path(os.path.normpath(cfg.resolve_path(step.config))) if step.config else None
+    path = Path(os.path.normpath(cfg.resolve_path(config))) if config else None
     return load_train_config(path, cls, overrides)
+
+
+def step_config(cfg: PipelineConfig, index: int, run_dir: Path) -> Any:
+    """The training config of ``stages.train[index]`` (:func:`build_config`)."""
+    step = cfg.stages.train[index]
+    return build_config(cfg, step.trainer, step.config, _wiring(cfg, index, run_dir), step.set)
 
 
 def _step_hash(trainer: str, tcfg: Any, run_dir: Path, upstream: dict[str, str]) -> str:
@@ -186,29 +233,65 @@ def write_prompts(items: list[PromptItem], path: Path) -> None:
 def train_step(
     cfg: PipelineConfig, index: int, run_dir: Path, upstream: dict[str, str], stream: TextIO
 ) -> StepResult:
+    """Run (or skip, when done) ``stages.train[index]``."""
     step = cfg.stages.train[index]
-    out = run_dir / "train" / step.name
     tcfg = step_config(cfg, index, run_dir)
+    return run_training(
+        step.name,
+        step.trainer,
+        tcfg,
+        run_dir / "train" / step.name,
+        run_dir,
+        upstream,
+        stream,
+        f"stages.train[{index}]",
+    )
+
+
+def run_training(
+    name: str,
+    trainer: str,
+    tcfg: Any,
+    out: Path,
+    run_dir: Path,
+    upstream: dict[str, str],
+    stream: TextIO,
+    where: str,
+) -> StepResult:
+    """Train one step into ``out``, or skip it when its ``done.json`` holds the same hash.
+
+    Args:
+        name, trainer: the step and its recipe.
+        tcfg: its training config (:func:`build_config`).
+        out: its folder (removed first when it holds a killed or changed step).
+        run_dir: the run directory (its path is left out of the hash, so the run may move).
+        upstream: model folder -> hash of the step that wrote it.
+        stream: where the step line goes.
+        where: the step's place in the pipeline file, for errors.
+
+    Raises:
+        DataError: the step's data was never exported.
+    """
     data = getattr(tcfg, "dataset", "")
     if data and not Path(data).exists():
-        msg = f"step '{step.name}' has no data: the run exported nothing here"
-        raise DataError(msg, file=data, field=f"stages.train[{index}]")
-    digest = _step_hash(step.trainer, tcfg, run_dir, upstream)
-    label = f"train {step.name} ({step.trainer})"
+        msg = f"step '{name}' has no data: the run exported nothing here"
+        raise DataError(msg, file=data, field=where)
+    digest = _step_hash(trainer, tcfg, run_dir, upstream)
+    label = f"train {name} ({trainer})"
     done = read_done(out)
     if done is not None and done.get("hash") == digest:
         print(f"{label}: done earlier, skipped", file=stream, flush=True)
         metrics, seconds = done.get("metrics") or {}, float(done.get("seconds") or 0.0)
-        return StepResult(step.name, step.trainer, "skipped", out, digest, metrics, seconds)
+        return StepResult(name, trainer, "skipped", out, digest, metrics, seconds)
     if out.exists():  # a killed or changed step: start it again from nothing
         shutil.rmtree(out)
     print(f"{label}: training -> {out}", file=stream, flush=True)
-    _, train = RECIPES[step.trainer].load()
+    _, train = RECIPES[trainer].load()
     started = time.perf_counter()
     result = train(tcfg)
     seconds = round(time.perf_counter() - started, 2)
     # metrics.json has the full config too; done.json and the summary keep the numbers
     metrics = clean({k: v for k, v in result.metrics.items() if k != "config"})
-    done = {"hash": digest, "trainer": step.trainer, "finished_at": now(), "seconds": seconds}
+    done = {"hash": digest, "trainer": trainer, "finished_at": now(), "seconds": seconds}
     write_json(out / DONE, {**done, "metrics": metrics})  # last: the step is done
-    return StepResult(step.name, step.trainer, "trained", out, digest, metrics, seconds)
+    return StepResult(name, trainer, "trained", out, digest, metrics, seconds)

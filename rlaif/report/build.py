@@ -17,6 +17,7 @@ from markupsafe import Markup
 from rlaif.errors import DataError, StoreError
 from rlaif.report import collect, data_sections, figures, model_sections, stats
 from rlaif.report import html as H
+from rlaif.report.steps_report import build_steps_body
 from rlaif.store.atomic import write_atomic
 from rlaif.version import __version__
 
@@ -129,6 +130,12 @@ def build_report(run_dir: str | Path) -> str:
     run = Path(run_dir)
     if not run.is_dir():
         raise DataError("not a directory", file=str(run))
+    if (run / "steps.json").is_file():  # a pipeline of steps: one section per kind of step
+        summary = collect.read_json(run / "steps.json")
+        name = summary.get("pipeline") if isinstance(summary, dict) else None
+        made = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        subtitle = f"{run} · made {made} by rlaif {__version__}"
+        return H.page(f"rlaif report: {name or run.name}", subtitle, build_steps_body(run))
     manifest = collect.load_manifest(run)
     names = collect.stage_names(run)
     steps = collect.train_steps(run)

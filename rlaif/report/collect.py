@@ -166,9 +166,15 @@ def train_steps(run_dir: Path) -> list[TrainStep]:
     root = run_dir / "train"
     if not root.is_dir():
         return []
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return train_folders([(d.name, d) for d in folders])
+
+
+def train_folders(folders: list[tuple[str, Path]]) -> list[TrainStep]:
+    """The training steps among (name, folder): those with curves or metrics."""
     steps = []
-    for d in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        step = TrainStep(d.name, d)
+    for name, d in folders:
+        step = TrainStep(name, d)
         if (d / "curves.jsonl").is_file():
             step.curves = list(iter_jsonl(d / "curves.jsonl"))
         if (d / "metrics.json").is_file():
@@ -181,9 +187,10 @@ def train_steps(run_dir: Path) -> list[TrainStep]:
     return steps
 
 
-def eval_data(run_dir: Path) -> EvalData | None:
-    """``eval/eval.json`` (required for the section) and ``eval/responses.jsonl``."""
-    folder = run_dir / "eval"
+def eval_data(run_dir: Path, folder: Path | None = None) -> EvalData | None:
+    """``eval/eval.json`` (required for the section) and ``eval/responses.jsonl`` (or those
+    of another evaluation ``folder``)."""
+    folder = folder if folder is not None else run_dir / "eval"
     if not (folder / "eval.json").is_file():
         return None
     report = read_json(folder / "eval.json")
