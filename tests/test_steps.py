@@ -219,11 +219,22 @@ def test_killed_data_step_resumes_and_changed_step_reruns_downstream(iterative, 
         ("iter/1/data", "skipped"), ("iter/1/dpo", "skipped"), ("iter/1/eval", "ran"),
         ("iter/2/data", "skipped"), ("iter/2/dpo", "skipped"), ("iter/2/eval", "ran"),
     ]  # fmt: skip
-    # a changed DPO setting retrains round 1's policy, so all of round 2 runs again
+    # a changed judge setting re-runs round 1's data step in place (its samples are reused);
+    # its new labels retrain round 1's policy, so round 2 starts from an empty folder
+    kept = run2 / "steps" / "iter" / "1" / "data" / "stages" / "left-by-same-inputs"
     stale = run2 / "steps" / "iter" / "2" / "data" / "stages" / "left-by-old-model"
-    stale.parent.mkdir(parents=True, exist_ok=True)
+    for marker in (kept, stale):
+        marker.write_text("x")
+    sample = run2 / "steps" / "iter" / "1" / "data" / "stages" / "sample"
+    before = sorted((p.name, p.stat().st_size) for p in sample.iterdir())
+    tie = ["steps.0.steps.0.judge.tie_threshold=0.9"]
+    res = run_steps(load_pipeline(pipe, tie), out=run2, stream=QUIET)
+    assert [s for _, s in _statuses(res)][0::3] == ["ran", "ran"]
+    assert sorted((p.name, p.stat().st_size) for p in sample.iterdir()) == before
+    assert kept.exists() and not stale.exists()
+    # a changed DPO setting retrains round 1's policy, so all of round 2 runs again
     stale.write_text("x")
-    pipe_cfg = load_pipeline(pipe, ["steps.0.steps.1.set.learning_rate=0.005"])
+    pipe_cfg = load_pipeline(pipe, [*tie, "steps.0.steps.1.set.learning_rate=0.005"])
     res = run_steps(pipe_cfg, out=run2, stream=QUIET)
     assert [s for _, s in _statuses(res)] == ["skipped", "trained", "ran", "ran", "trained", "ran"]
     assert not stale.exists()  # a data step of another model starts from an empty folder

@@ -212,29 +212,37 @@ def data_config(state: _Steps, p: PlannedStep) -> PipelineConfig:
     )
 
 
-def _data_hash(state: _Steps, p: PlannedStep, sub: PipelineConfig) -> str:
+def _data_hashes(state: _Steps, p: PlannedStep, sub: PipelineConfig) -> tuple[str, str]:
+    """(inputs, whole) hashes of a data step.
+
+    ``inputs`` covers what comes from outside the step: its models (a trained one by its
+    step's hash), the prompts and the constitution. When it changes, the step's records
+    belong to other inputs and the step starts from an empty folder. ``whole`` adds the
+    step's own settings: a settings change re-runs the step in place, where every record
+    whose request did not change is reused (as a re-run of a one-pass pipeline does).
+    Settings that change no record (batch sizes, execution, budget) are left out.
+    """
     settings = sub.to_dict()
-    for key in ("name", "output", "model"):
+    for key in ("name", "output", "model", "batch_size", "execution", "budget"):
         settings.pop(key)
     if settings["stages"]["judge"] and p.judge_model is not None:
         settings["stages"]["judge"]["model"] = None  # named by identity below
-    source = sub.resolve_path(sub.prompts.path)
-    return content_hash(
+    inputs = content_hash(
         {
-            "settings": settings,
             "model": state.identity(p.model),
             "judge": state.identity(p.judge_model) if p.judge_model else None,
             "backend": sub.model.backend,
-            "prompts": data_hash(source),
+            "prompts": data_hash(sub.resolve_path(sub.prompts.path)),
             "constitution": load_constitution(sub.constitution_ref()).content_hash,
         }
     )
+    return inputs, content_hash({"inputs": inputs, "settings": settings})
 
 
 def _data_step(state: _Steps, p: PlannedStep) -> StepOutcome:
     sub = data_config(state, p)
     folder = state.folder(p.name)
-    digest = _data_hash(state, p, sub)
+    inputs, digest = _data_hashes(state, p, sub)
     base = StepOutcome(p.name, "data", "skipped", folder, digest, p.round, p.block, model=p.model)
     done = read_done(folder)
     if done is not None and done.get("hash") == digest:
@@ -243,10 +251,11 @@ def _data_step(state: _Steps, p: PlannedStep) -> StepOutcome:
             base, seconds=done.get("seconds", 0.0), numbers=done.get("numbers") or {}
         )
     started = read_done(folder, STARTED)
-    if folder.exists() and (started is None or started.get("hash") != digest):
-        shutil.rmtree(folder)  # made by other settings or another model: start afresh
+    if folder.exists() and (started is None or started.get("inputs") != inputs):
+        shutil.rmtree(folder)  # records of another model or other prompts: start afresh
     folder.mkdir(parents=True, exist_ok=True)
-    write_json(folder / STARTED, {"hash": digest, "started_at": now()})
+    (folder / DONE).unlink(missing_ok=True)
+    write_json(folder / STARTED, {"inputs": inputs, "started_at": now()})
     result = run_pipeline(sub, retry_errors=state.retry_errors, stream=state.stream)
     state.add_stats(result.stats)
     numbers = {
