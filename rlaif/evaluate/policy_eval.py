@@ -221,6 +221,10 @@ def run_eval(
             row.responses[role] = res.completions[0].text if ok else None
             if not ok:
                 row.errors[role] = res.error or "no completion"
+        if caller is not judge and not (role == "policy" and caller is baseline):
+            # done with this model: free it before the next one loads (an idle vLLM engine
+            # keeps part of a core busy); the caller would load it again if asked
+            caller.close()
     for row in rows:
         for role in MODELS:
             text = row.responses[role]

@@ -183,18 +183,24 @@ def run_pipeline(
         )
         base.write(run_dir)
         exports: dict[str, Any] = {}
+        described: dict[str, Any] = {}
         try:
             traces = _sl_cai(run, base) if cfg.stages.critique_revise else None
             samples = _sample(run, base) if cfg.stages.sample else None
             if traces is not None:
                 exports.update(export_sl_cai(run_dir, traces, cfg.stages.export, base))
             if cfg.stages.judge is not None:
+                if caller not in judge_callers:
+                    # the policy's work is done: free it before a judge model loads (an idle
+                    # vLLM engine keeps part of a core busy)
+                    described = caller.describe()
+                    caller.close()
                 exports["preferences"] = _judge_and_export(run, base, traces, samples)
             manifest = Manifest.from_store(run_dir, base=base)
             manifest.info["calls"] = {"policy": caller.stats.to_dict()}
             for n, jc in enumerate(c for c in judge_callers if c is not caller):
                 manifest.info["calls"][f"judge-{n + 1}"] = jc.stats.to_dict()
-            manifest.info["backend"] = caller.describe()
+            manifest.info["backend"] = described or caller.describe()
             manifest.finish()
             manifest.write(run_dir)
         finally:

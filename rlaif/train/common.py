@@ -120,6 +120,52 @@ def resolve_model_path(
     return str(resolve_model(model_id, revision=revision, trust_remote_code=trust_remote_code).path)
 
 
+def _untie_adapted_embeddings(model: Any) -> None:
+    """Give a tied output head its own weight when a LoRA adapter sits on it or on the input
+    embedding, so that merging keeps the trained function.
+
+    With ``tie_word_embeddings`` (SmolLM2, the tiny test model) ``lm_head`` and
+    ``embed_tokens`` share one tensor. An adapter on one of them (``target_modules`` naming
+    ``lm_head`` or ``embed_tokens``; ``all-linear`` names neither) changes only that side in
+    training, but ``merge_and_unload`` writes its update into the shared tensor, so the saved
+    model would compute something else than the trained one under every backend (logits off by
+    several units on the tiny model). With the head untied first, each merge goes to its own
+    matrix; the folder then holds both and says ``tie_word_embeddings: false``, which
+    transformers and vLLM load as is.
+    """
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:
+        return
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(base, "config", None)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if not getattr(text_config, "tie_word_embeddings", False):
+        return
+    try:
+        head, embed = base.get_output_embeddings(), base.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        return
+    if head is None or embed is None:
+        return
+    if not (isinstance(head, BaseTunerLayer) or isinstance(embed, BaseTunerLayer)):
+        return
+    head = head.get_base_layer() if isinstance(head, BaseTunerLayer) else head
+    embed = embed.get_base_layer() if isinstance(embed, BaseTunerLayer) else embed
+    weight = getattr(head, "weight", None)
+    if weight is None or weight.data_ptr() != getattr(embed, "weight", weight).data_ptr():
+        return  # already two tensors
+    import torch
+
+    head.weight = torch.nn.Parameter(weight.detach().clone(), requires_grad=False)
+    text_config.tie_word_embeddings = False
+    if config is not text_config and hasattr(config, "tie_word_embeddings"):
+        config.tie_word_embeddings = False
+    if hasattr(base, "get_expanded_tied_weights_keys"):
+        # transformers 5 keeps the mapping a later tie_weights() would re-tie: recompute it.
+        base.all_tied_weights_keys = base.get_expanded_tied_weights_keys(all_submodels=True)
+
+
 def save_model(model: Any, tokenizer: Any, out_dir: str | Path) -> Path:
     """Save a trained model as a plain folder ``from_pretrained`` loads (safetensors).
 
@@ -143,10 +189,15 @@ def save_model(model: Any, tokenizer: Any, out_dir: str | Path) -> Path:
     # Unwrap a DeepSpeed / DDP / accelerate wrapper if the trainer left one.
     model = getattr(model, "module", model)
     if hasattr(model, "merge_and_unload"):
+        _untie_adapted_embeddings(model)
         model = model.merge_and_unload()
     # Sequence-classification models need the pad id to find the last token of a batch.
     if tokenizer is not None and getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
+    # Trainers switch the KV cache off for training (TRL does); the saved model is for
+    # inference, as the starting model's config was.
+    if getattr(model.config, "use_cache", None) is False:
+        model.config.use_cache = True
     model.save_pretrained(out, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
