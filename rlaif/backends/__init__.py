@@ -118,6 +118,9 @@ def load_backend(kind: str, model: str = DEFAULT_MODEL, **options: Any) -> Backe
     if kind == "transformers":
         from rlaif.backends.transformers_backend import TransformersBackend
 
+        # vLLM's switch for torch.compile at start: a pipeline that names it for `auto` still
+        # runs where auto means transformers (which compiles nothing)
+        options.pop("enforce_eager", None)
         return TransformersBackend(model, **options)
     if kind == "vllm":
         if importlib.util.find_spec("vllm") is None:
