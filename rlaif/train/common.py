@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -170,7 +171,10 @@ def save_model(model: Any, tokenizer: Any, out_dir: str | Path) -> Path:
     """Save a trained model as a plain folder ``from_pretrained`` loads (safetensors).
 
     LoRA adapters are merged into the base weights first (``merge_and_unload``), so the
-    folder needs neither peft nor the base model.
+    folder needs neither peft nor the base model; an adapter on a tied head or embedding
+    unties the two first (see :func:`_untie_adapted_embeddings`). The folder loads and
+    generates the same under the transformers and vLLM backends, and ``resolve_model`` gives
+    it a ``sha256:`` revision of its own weights (tests/test_trained_backends.py).
 
     Args:
         model: a transformers model, possibly a peft model.
@@ -201,6 +205,12 @@ def save_model(model: Any, tokenizer: Any, out_dir: str | Path) -> Path:
     model.save_pretrained(out, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
+    # safetensors writes its files 0600: a server under another account (a vLLM container)
+    # could not read the weights. Give them the mode every other file here gets.
+    umask = os.umask(0)
+    os.umask(umask)
+    for weights in out.glob("*.safetensors"):
+        weights.chmod(0o666 & ~umask)
     return out
 
 
