@@ -131,8 +131,8 @@ def build_report(run_dir: str | Path) -> str:
     if not run.is_dir():
         raise DataError("not a directory", file=str(run))
     if (run / "steps.json").is_file():  # a pipeline of steps: one section per kind of step
-        summary = collect.read_json(run / "steps.json")
-        name = summary.get("pipeline") if isinstance(summary, dict) else None
+        steps_json = collect.read_json(run / "steps.json")
+        name = steps_json.get("pipeline") if isinstance(steps_json, dict) else None
         made = datetime.now(timezone.utc).isoformat(timespec="seconds")
         subtitle = f"{run} · made {made} by rlaif {__version__}"
         return H.page(f"rlaif report: {name or run.name}", subtitle, build_steps_body(run))
