@@ -132,7 +132,10 @@ def _run_steps(cfg: PipelineConfig, args: argparse.Namespace) -> int:
         what = o.trainer or o.kind
         shown = [(k, v) for k, v in o.numbers.items() if v is not None and k != "seconds"]
         if o.kind == "eval":  # the policy's rates; the baseline's are in its eval.json
-            shown = [(k, v) for k, v in shown if not k.startswith("baseline_")]
+            shown = sorted(
+                ((k, v) for k, v in shown if not k.startswith("baseline_")),
+                key=lambda kv: kv[0] != "win_rate",  # the win rate first
+            )
         numbers = ", ".join(f"{k.removeprefix('policy_')} {_short(v)}" for k, v in shown[:4])
         print(f"  {o.name:<22} {what:<6} {o.status:<8} {o.seconds:>8.1f} s  {numbers}")
     stats = result.stats
