@@ -204,7 +204,7 @@ def _check_post(cfg: PipelineConfig, raw: LineDict, f: str) -> None:
             fail(f"'{step.trainer}' is not one of {', '.join(TRAINERS)}", f"{at}.trainer")
         if step.data not in ("auto", "preferences", "pairs", "sft"):
             fail(f"'{step.data}' is not one of auto, preferences, pairs, sft", f"{at}.data")
-        if (step.trainer == "sft") != (step.data in ("auto", "sft")) and step.data != "auto":
+        if step.data != "auto" and (step.trainer == "sft") != (step.data == "sft"):
             fail("sft trains on the sft export; the other recipes on pairs", f"{at}.data")
         if step.trainer not in ONLINE_TRAINERS:  # reads preference or SFT data
             judged = cfg.stages.judge is not None

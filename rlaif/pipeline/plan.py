@@ -112,7 +112,7 @@ class _Scope:
     done: dict[str, PlannedStep] = dataclasses.field(default_factory=dict)  # full name -> step
     policy: str = "base"
 
-    def find(self, ref: str, local: dict[str, str], at: str, what: str) -> PlannedStep:
+    def find(self, ref: str, local: dict[str, str], at: str) -> PlannedStep:
         full = local.get(ref, ref)
         found = self.done.get(full)
         if found is None:
@@ -126,7 +126,7 @@ class _Scope:
             return "base"
         if ref == "policy":
             return self.policy
-        found = self.find(ref, local, at, "model")
+        found = self.find(ref, local, at)
         if found.kind != "train":
             raise _fail(f"'{ref}' is a {found.kind} step, not a training step: no model", at)
         if found.trainer not in POLICY_TRAINERS:
@@ -261,7 +261,7 @@ def _plan_train(p: PlannedStep, local: dict[str, str], scope: _Scope) -> None:
     judge = judge_reward(s)
     if not online or judge or s.data is not None:  # reads an export
         if s.data is not None:
-            src = scope.find(s.data, local, f"{at}.data", "data")
+            src = scope.find(s.data, local, f"{at}.data")
             if src.kind != "data":
                 raise _fail(f"'{s.data}' is a {src.kind} step, not a data step", f"{at}.data")
         else:
@@ -273,7 +273,7 @@ def _plan_train(p: PlannedStep, local: dict[str, str], scope: _Scope) -> None:
         p.dataset = _dataset(s.trainer, s.dataset, src, f"{at}.dataset")
     if online and not judge:
         if s.reward is not None:
-            r = scope.find(s.reward, local, f"{at}.reward", "reward")
+            r = scope.find(s.reward, local, f"{at}.reward")
         else:
             rewards = [d for d in scope.done.values() if d.trainer == "reward"]
             if not rewards:
