@@ -16,6 +16,7 @@ MAX_LINES = 500
 # Bottom to top, as in docs/architecture.md. A module belongs to the longest prefix that names it.
 LAYERS: list[tuple[str, ...]] = [
     ("rlaif.errors", "rlaif.yamlio", "rlaif.progress", "rlaif.resources", "rlaif.version"),
+    ("rlaif.refusal",),
     ("rlaif.store", "rlaif.testing"),
     ("rlaif.backends",),
     ("rlaif.config",),
