@@ -67,11 +67,16 @@ def _lint(args: argparse.Namespace) -> int:
             failed += 1
             continue
         n_c, n_j = len(c.critique_principles), len(c.judge_principles)
+        rules = f", {len(c.rule_principles)} of them by a check" if c.rule_principles else ""
         print(
             f"ok: {f}: {c.name} {c.version}, {len(c.principles)} principles "
-            f"({n_c} critique, {n_j} judge), {len(c.examples)} examples, "
+            f"({n_c} critique, {n_j} judge{rules}), {len(c.examples)} examples, "
             f"hash {c.content_hash[:12]}"
         )
+        for p in c.rule_principles:
+            for rule, warning in p.check.warnings():  # type: ignore[union-attr]
+                field = f"principles({p.id}).check.{rule}"
+                print(f"warning: {f}: field '{field}': {warning}", file=sys.stderr)
         old = _older_version(f, args.against)
         if old is not None:
             for warning in diff_constitutions(old, c).warnings():

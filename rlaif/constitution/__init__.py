@@ -1,5 +1,6 @@
-"""Constitutions: load, validate, version, hash, diff and import."""
+"""Constitutions: load, validate, version, hash, diff and import; code-checked principles."""
 
+from rlaif.constitution.checks import Check, CheckResult, parse_check, run_check
 from rlaif.constitution.diff import ConstitutionDiff, diff_constitutions
 from rlaif.constitution.dump import to_yaml
 from rlaif.constitution.importers import import_constitution
@@ -7,6 +8,8 @@ from rlaif.constitution.loader import builtin_names, find_constitution, load_con
 from rlaif.constitution.model import Constitution, Example, Principle
 
 __all__ = [
+    "Check",
+    "CheckResult",
     "Constitution",
     "ConstitutionDiff",
     "Example",
@@ -16,5 +19,7 @@ __all__ = [
     "find_constitution",
     "import_constitution",
     "load_constitution",
+    "parse_check",
+    "run_check",
     "to_yaml",
 ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from rlaif.constitution.model import Constitution
+from rlaif.constitution.model import Constitution, Principle
 
 
 @dataclass
@@ -85,6 +85,14 @@ def _short(value: Any, width: int = 70) -> str:
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
+def _fields(p: Principle) -> dict[str, Any]:
+    """A principle's fields, its check's rules as ``check.<rule>`` (an unset one is absent)."""
+    out = p.to_dict()
+    for rule, value in (out.pop("check", None) or {}).items():
+        out[f"check.{rule}"] = value
+    return out
+
+
 def diff_constitutions(old: Constitution, new: Constitution) -> ConstitutionDiff:
     """Compare two resolved constitutions field by field and principle by principle."""
     d = ConstitutionDiff(old=old, new=new)
@@ -103,8 +111,9 @@ def diff_constitutions(old: Constitution, new: Constitution) -> ConstitutionDiff
     d.removed = [pid for pid in old_ids if pid not in new_ids]
     for pid in new_ids:
         if pid in old_ids:
-            a, b = old.principle(pid).to_dict(), new.principle(pid).to_dict()
-            ch = {k: (a[k], b[k]) for k in a if a[k] != b[k]}
+            a, b = _fields(old.principle(pid)), _fields(new.principle(pid))
+            keys = dict.fromkeys([*a, *b])
+            ch = {k: (a.get(k), b.get(k)) for k in keys if a.get(k) != b.get(k)}
             if ch:
                 d.changed[pid] = ch
     kept_old = [pid for pid in old_ids if pid in new_ids]

@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from rlaif.constitution.checks import parse_check
 from rlaif.constitution.model import EXAMPLE_FIELDS, Constitution, Example, Principle
 from rlaif.errors import ConfigError
 from rlaif.resources import resource_dir
@@ -26,7 +27,7 @@ TOP_FIELDS = (
     "examples",
 )
 REQUIRED_TOP = ("name", "version")
-PRINCIPLE_KEYS = ("id", "title", "tags", "weight", "critique", "revision", "judge")
+PRINCIPLE_KEYS = ("id", "title", "tags", "weight", "critique", "revision", "judge", "check")
 # semver 2.0.0, from semver.org
 SEMVER = re.compile(
     r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)"
@@ -238,6 +239,7 @@ def _principle(item: LineDict, f: str, where: str, base: Principle | None) -> Pr
                 field=f"{where}.{key}",
             )
     values = base.to_dict() if base else {"id": pid, "tags": [], "weight": 1.0}
+    values["check"] = base.check if base else None
     if base is None and "title" not in item:
         raise ConfigError("missing required field", file=f, line=item.line, field=f"{where}.title")
     for key in ("title", "critique", "revision", "judge"):
@@ -263,6 +265,13 @@ def _principle(item: LineDict, f: str, where: str, base: Principle | None) -> Pr
                 field=f"{where}.weight",
             )
         values["weight"] = float(w)
+    if "check" in item:  # `check: null` drops a parent's check, like `judge: null`
+        raw = item["check"]
+        values["check"] = (
+            None
+            if raw is None
+            else parse_check(raw, f"{where}.check", file=f, line=item.line_of("check"))
+        )
     has_c, has_r = values.get("critique") is not None, values.get("revision") is not None
     if has_c != has_r:
         missing = "revision" if has_c else "critique"
@@ -272,9 +281,9 @@ def _principle(item: LineDict, f: str, where: str, base: Principle | None) -> Pr
             line=item.line,
             field=f"{where}.{missing}",
         )
-    if not has_c and values.get("judge") is None:
+    if not has_c and values.get("judge") is None and values["check"] is None:
         raise ConfigError(
-            "principle needs critique + revision, a judge question, or both",
+            "principle needs critique + revision, a judge question, a check, or several of them",
             file=f,
             line=item.line,
             field=where,

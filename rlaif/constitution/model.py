@@ -8,9 +8,10 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
+from rlaif.constitution.checks import Check
 from rlaif.errors import ConfigError
 
-PRINCIPLE_FIELDS = ("id", "title", "tags", "weight", "critique", "revision", "judge")
+PRINCIPLE_FIELDS = ("id", "title", "tags", "weight", "critique", "revision", "judge", "check")
 EXAMPLE_FIELDS = (
     "conversation",
     "response",
@@ -26,7 +27,10 @@ class Principle:
     """One principle of a constitution.
 
     A principle with ``critique`` and ``revision`` drives the critique-and-revise loop; one with
-    ``judge`` (a pairwise comparison question) drives the AI judge. It may have both.
+    ``judge`` (a pairwise comparison question) drives the AI judge; one with ``check`` (rules of
+    :mod:`rlaif.constitution.checks`) is judged by code. It may have any combination: with both
+    ``judge`` and ``check``, a rule judge (where a pipeline has one) uses the check and the AI
+    judge the question.
     """
 
     id: str
@@ -36,6 +40,7 @@ class Principle:
     critique: str | None = None
     revision: str | None = None
     judge: str | None = None
+    check: Check | None = None
 
     @property
     def can_critique(self) -> bool:
@@ -43,11 +48,25 @@ class Principle:
 
     @property
     def can_judge(self) -> bool:
-        return self.judge is not None
+        """Judged by the AI judge (a ``judge`` question) or by code (a ``check``)."""
+        return self.judge is not None or self.check is not None
+
+    @property
+    def has_check(self) -> bool:
+        return self.check is not None
+
+    @property
+    def is_rule(self) -> bool:
+        """Judged only by code: a ``check`` and no ``judge`` question."""
+        return self.check is not None and self.judge is None
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain dict with every field (the canonical form of a principle)."""
-        return {
+        """Plain dict with every field (the canonical form of a principle).
+
+        ``check`` appears only when set (as its canonical dict), so that adding the field left
+        the hash of every constitution without checks unchanged.
+        """
+        out: dict[str, Any] = {
             "id": self.id,
             "title": self.title,
             "tags": list(self.tags),
@@ -56,6 +75,9 @@ class Principle:
             "revision": self.revision,
             "judge": self.judge,
         }
+        if self.check is not None:
+            out["check"] = self.check.to_dict()
+        return out
 
 
 @dataclass(frozen=True)
@@ -116,7 +138,14 @@ class Constitution:
 
     @property
     def judge_principles(self) -> tuple[Principle, ...]:
+        """Principles that can judge a pair: with a ``judge`` question, a ``check``, or both
+        (:attr:`rule_principles` are the ones with a check)."""
         return tuple(p for p in self.principles if p.can_judge)
+
+    @property
+    def rule_principles(self) -> tuple[Principle, ...]:
+        """Principles with a ``check``, judged by code."""
+        return tuple(p for p in self.principles if p.has_check)
 
     def canonical(self) -> dict[str, Any]:
         """The meaning of the constitution as plain data.
@@ -163,7 +192,8 @@ class Constitution:
     def sample_principles(
         self, k: int, rng: random.Random, *, kind: str = "critique"
     ) -> list[Principle]:
-        """``k`` principles of a kind (critique or judge), drawn by weight with replacement."""
+        """``k`` principles of a kind (critique, or judge: see :attr:`judge_principles`), drawn
+        by weight with replacement."""
         pool = self.critique_principles if kind == "critique" else self.judge_principles
         if not pool:
             raise ConfigError(
