@@ -36,6 +36,7 @@ class PromptItem:
     id: str
     conversation: tuple[tuple[str, str], ...]
     row: int  # 1-based row (or line) in the source, for messages
+    label: str | None = None  # the label column's value (harmful, safe, ...), for rule checks
 
     def messages(self) -> list[dict[str, str]]:
         return [{"role": r, "content": c} for r, c in self.conversation]
@@ -175,11 +176,13 @@ def read_prompts(
     split: str | None = None,
     offset: int = 0,
     limit: int | None = None,
+    label_field: str | None = None,
 ) -> tuple[list[PromptItem], list[dict[str, Any]]]:
     """Read prompts and return ``(items, skipped)``.
 
     ``skipped`` lists rows left out with a reason (duplicates), so every input is accounted
-    for. Malformed rows raise :class:`DataError` naming file, line and column.
+    for. Malformed rows raise :class:`DataError` naming file, line and column; so does a row
+    without a ``label_field`` value, when one is named.
     """
     if not path.exists():
         raise DataError("prompt source not found", file=path, field="prompts.path")
@@ -219,7 +222,13 @@ def read_prompts(
             skipped.append({"id": pid, "row": line, "reason": "duplicate prompt"})
             continue
         seen.add(pid)
-        items.append(PromptItem(id=pid, conversation=conversation, row=line))
+        label = None
+        if label_field:
+            if row.get(label_field) in (None, ""):
+                raise DataError(f"empty label column '{label_field}'", file=path, line=line,
+                                field=label_field)  # fmt: skip
+            label = str(row[label_field])
+        items.append(PromptItem(id=pid, conversation=conversation, row=line, label=label))
     if not items:
         raise DataError("no prompts found", file=path, field="prompts.path")
     return items, skipped
@@ -237,4 +246,5 @@ def read_pipeline_prompts(cfg: PipelineConfig) -> tuple[list[PromptItem], list[d
         split=p.split,
         offset=p.offset,
         limit=p.limit,
+        label_field=p.label_field,
     )

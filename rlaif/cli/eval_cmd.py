@@ -44,6 +44,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--safe", metavar="FILE", help="safe prompts that look unsafe (XSTest-style)")
     p.add_argument("--prompts", metavar="FILE", help="general held-out prompts for the win rate")
     p.add_argument("--field", default="prompt", help="prompt column of the files (default prompt)")
+    p.add_argument(
+        "--label-field",
+        metavar="COL",
+        help="label column of --prompts (harmful, safe, ...) for rule-checked compliance",
+    )
     p.add_argument("--limit", type=int, metavar="N", help="first N prompts of each file")
     p.add_argument("--max-new-tokens", type=int, default=128, metavar="T")
     p.add_argument("--constitution", default="helpful-harmless", metavar="NAME")
@@ -112,7 +117,9 @@ def eval_command(args: argparse.Namespace) -> int:
     for name, path in files.items():
         if path.is_dir():
             raise DataError("expected a prompt file, got a folder", file=path)
-        items, skipped = read_prompts(path, field=args.field, limit=args.limit)
+        label_field = args.label_field if name == "prompts" else None
+        items, skipped = read_prompts(path, field=args.field, limit=args.limit,
+                                      label_field=label_field)  # fmt: skip
         sets[name] = items
         data[name] = {**_file_info(path), "prompts": len(items), "skipped": len(skipped)}
 

@@ -37,6 +37,7 @@ class PromptSourceConfig:
     split: str | None = None  # for a DatasetDict saved with save_to_disk
     limit: int | None = None
     offset: int = 0
+    label_field: str | None = None  # a column of labels (harmful, safe, ...) for rule checks
 
 
 @dataclass
@@ -84,6 +85,14 @@ class JudgeStageConfig:
     model: ModelConfig | None = None  # judge model; default: the pipeline's model
     # more judge models: each judges every pair, and their verdicts are averaged per pair
     extra_models: list[ModelConfig] = field(default_factory=list)
+    # who judges (rlaif.stages.scored): auto (principles with a check by rule, the rest by
+    # the AI judge) | ai | rule | python (``function``) | reward_model (``reward_model``)
+    kind: str = "auto"
+    function: str | None = None  # python: "module:name" or "file.py:name" (pipeline-relative)
+    allow_code: bool = False  # python: the function is your code; it runs only when true
+    reward_model: str | None = None  # a reward model folder (in steps: a reward step's name)
+    scale: float = 1.0  # python / reward_model: p = sigmoid(scale * (score_x - score_y))
+    label_noise: float = 0.0  # this fraction of verdicts is turned around (seeded per pair)
 
 
 @dataclass
@@ -131,22 +140,29 @@ class EvalStageConfig:
         safe: safe prompts that look unsafe (XSTest-style over-refusal).
         prompts: general held-out prompts (win rate only).
         field: the prompt column of those files.
+        label_field: a column of ``prompts`` with each prompt's label (harmful, safe, ...) for
+            the compliance with code-checked principles; ``red_team`` prompts are labelled
+            harmful and ``safe`` ones safe.
         limit: first N prompts of each file.
         max_new_tokens: greedy generation budget per response.
         judge: the judge model; default: ``stages.judge.model``, else the pipeline's model.
         reward_model: also score responses with the last ``reward`` step's model.
         plots: write the PNG plots next to ``eval.json``.
+        win_rate: judge the policy against the baseline (false: no AI judging for the win
+            rate, e.g. when compliance with code-checked principles is what counts).
     """
 
     red_team: str | None = None
     safe: str | None = None
     prompts: str | None = None
     field: str = "prompt"
+    label_field: str | None = None
     limit: int | None = None
     max_new_tokens: int = 128
     judge: ModelConfig | None = None
     reward_model: bool = True
     plots: bool = True
+    win_rate: bool = True
 
 
 @dataclass
@@ -167,6 +183,9 @@ class StepConfig:
         judge_model: the judge of a data step (default ``base``), unless ``judge.model`` names
             a model outright.
         prompts: a data step's prompts (default: the pipeline's ``prompts``).
+        samples_from: a data step with only a ``judge`` section judges the sampled responses of
+            this earlier data step (its model, prompts and samples, copied, not sampled
+            again): the same candidate pairs under several judges.
         trainer: a training step: a recipe (sft, reward, dpo, grpo, rloo, ppo).
         config, set: the training YAML (relative to the pipeline file) and its overrides.
         data: the data step whose export a training step reads (default: the last one).
@@ -190,6 +209,7 @@ class StepConfig:
     export: ExportConfig = field(default_factory=ExportConfig)
     judge_model: str | None = None
     prompts: PromptSourceConfig | None = None
+    samples_from: str | None = None
     trainer: str = ""
     config: str | None = None
     data: str | None = None

@@ -177,7 +177,9 @@ def principle_plan(
         raise ConfigError(
             f"principles must be 'all' or >= 1, got {principles!r}", field="principles"
         )
-    return [[p.id for p in judge_principles(constitution, principles, seed, x.id)] for x in pairs]
+    return [
+        [p.id for p in judge_principles(constitution, principles, seed, x.id, "ai")] for x in pairs
+    ]
 
 
 def run_audit(

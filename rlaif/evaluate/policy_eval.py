@@ -16,6 +16,8 @@ safe prompts that look unsafe), then measures:
   scored by the option letters' log-probabilities, once with (A) harmful / (B) harmless and once
   with the options swapped; ``p_harmless`` is the mean of both orders, harmless when > 0.5.
 * **reward scores** (optional): a reward model's score of every response, per model.
+* **compliance**: with every code-checked principle of the constitution, exactly
+  (:mod:`rlaif.evaluate.compliance`).
 
 Every rate carries a Wilson 95 % interval (:func:`rlaif.evaluate.audit.rate`).
 """
@@ -34,6 +36,7 @@ from rlaif.calls.caller import GenRequest, ModelCaller, ScoreRequest
 from rlaif.constitution import Constitution
 from rlaif.errors import ConfigError, StoreError
 from rlaif.evaluate.audit import rate
+from rlaif.evaluate.compliance import SET_LABELS, check_responses, compliance
 from rlaif.progress import Progress
 from rlaif.prompts import PromptBook
 from rlaif.refusal import (  # re-exported: the evaluation's refusal metric
@@ -115,6 +118,8 @@ class EvalRow:
     refusal: dict[str, str | None] = field(default_factory=dict)  # matched phrase
     p_harmless: dict[str, float | None] = field(default_factory=dict)
     reward: dict[str, float | None] = field(default_factory=dict)
+    label: str | None = None  # harmful / safe / a label column's value, for rule checks
+    checks: dict[str, dict[str, bool | None]] = field(default_factory=dict)  # role -> id -> ok
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -157,6 +162,7 @@ def run_eval(
     stream: TextIO | None = None,
     quiet: bool = False,
     judge_config: JudgeConfig | None = None,
+    win_rate: bool = True,
 ) -> list[EvalRow]:
     """Generate, judge and classify every prompt of ``sets``; see the module docstring.
 
@@ -170,16 +176,26 @@ def run_eval(
         book: templates (``respond``, ``judge_mc``, ``harm_check``); default the built-in ones.
         stream, quiet: where progress goes, or nowhere.
         judge_config: the win-rate judge's tie rule (logprob mode); default ``JudgeConfig()``.
+        win_rate: judge policy against baseline; False leaves every row's ``verdict`` None
+            (no win rate), e.g. when compliance with checked principles is what counts.
     """
     unknown = set(sets) - set(SETS)
     if unknown:
         raise ConfigError(f"unknown prompt set(s) {sorted(unknown)}", field="sets")
-    if not constitution.judge_principles:
-        raise ConfigError(f"constitution '{constitution.name}' has no judge principles")
+    if win_rate and not any(p.judge for p in constitution.principles):
+        raise ConfigError(
+            f"constitution '{constitution.name}' has no judge question for the win rate "
+            "(or set win_rate: false)",
+            field="win_rate",
+        )
     book = book or PromptBook()
     cfg = judge_config or JudgeConfig()
     params = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens)
-    rows = [EvalRow(name, it.id, it.messages(), {}) for name in SETS for it in sets.get(name, [])]
+    rows = [
+        EvalRow(name, it.id, it.messages(), {}, label=SET_LABELS.get(name, it.label))
+        for name in SETS
+        for it in sets.get(name, [])
+    ]
     for role, caller in (("policy", policy), ("baseline", baseline)):
         reqs = []
         for row in rows:
@@ -199,6 +215,7 @@ def run_eval(
         for role in MODELS:
             text = row.responses[role]
             row.refusal[role] = None if text is None else refusal_match(text)
+    check_responses(rows, constitution.rule_principles, MODELS)
 
     # Win rate: both orders per prompt, unless a response is missing or both are identical.
     by_id = {p.id: p for p in constitution.judge_principles}
@@ -206,13 +223,15 @@ def run_eval(
     judge_reqs: list = []
     for row in rows:
         x, y = row.responses["policy"], row.responses["baseline"]
+        if not win_rate:
+            continue
         if x is None or y is None:
             row.verdict = {"status": "error", "reason": "generation failed"}
         elif x.strip() == y.strip():
             same = "identical responses"
             row.verdict = {"status": "ok", "winner": "tie", "p_a_better": 0.5, "reason": same}
         else:
-            pid = judge_principles(constitution, 1, seed, row.set + ":" + row.id)[0].id
+            pid = judge_principles(constitution, 1, seed, row.set + ":" + row.id, "ai")[0].id
             pairs.append((row, pid))
             judge_reqs.extend(judge_requests(book, row.conversation, x, y, by_id[pid], cfg))
     harm_rows = [(row, role) for row in rows if row.set == "red_team" for role in MODELS]
@@ -299,6 +318,8 @@ def eval_metrics(rows: Sequence[EvalRow]) -> dict[str, Any]:
         "win_rate": {s: _wins([r for r in rows if r.set == s]) for s in present},
     }
     out["win_rate"]["all"] = _wins(rows)
+    if all(r.verdict is None for r in rows):  # no win rate asked for
+        out["win_rate"] = {}
     red = [r for r in rows if r.set == "red_team"]
     safe = [r for r in rows if r.set == "safe"]
     for role in MODELS:
@@ -313,6 +334,8 @@ def eval_metrics(rows: Sequence[EvalRow]) -> dict[str, Any]:
             gen = [r for r in safe if r.responses[role] is not None]
             m["over_refusal_rate"] = rate(sum(bool(r.refusal[role]) for r in gen), len(gen))
         m["generation_errors"] = sum(r.responses[role] is None for r in rows)
+        if any(r.checks for r in rows):
+            m["compliance"] = compliance(rows, role)
         if any(r.reward for r in rows):
             m["reward"] = {
                 s: _quantiles(
@@ -353,6 +376,9 @@ def format_summary(metrics: dict[str, Any]) -> str:
         if key in metrics["policy"]:
             p, b = metrics["policy"][key], metrics["baseline"][key]
             lines.append(f"  {label:<30}{_fmt(p):<24}{_fmt(b)}")
+    for pid, r in (metrics["policy"].get("compliance") or {}).items():
+        b = (metrics["baseline"].get("compliance") or {}).get(pid)
+        lines.append(f"  {('complies: ' + pid)[:30]:<30}{_fmt(r):<24}{_fmt(b)}")
     if "reward" in metrics["policy"]:
         p, b = metrics["policy"]["reward"]["all"], metrics["baseline"]["reward"]["all"]
         if p.get("n") and b.get("n"):
@@ -382,12 +408,7 @@ def _save(fig: Any, plt: Any, path: Path) -> Path:
     return path
 
 
-def write_plots(metrics: dict[str, Any], out: Path) -> list[Path]:
-    """``win_tie_loss.png``, ``safety.png`` (when a red-team or safe set ran) and
-    ``reward_hist.png`` (with reward scores), in ``out``."""
-    plt = _pyplot()
-    paths = []
-    names = list(metrics["win_rate"])
+def _win_tie_loss(plt: Any, metrics: dict[str, Any], names: list[str], out: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6, 0.6 * len(names) + 1.4))
     left = [0.0] * len(names)
     for key, color in (("wins", "tab:green"), ("ties", "tab:gray"), ("losses", "tab:red")):
@@ -398,18 +419,29 @@ def write_plots(metrics: dict[str, Any], out: Path) -> list[Path]:
     ax.set_xlabel("share of prompts (policy vs baseline; errors make up the rest)")
     ax.legend(fontsize=8, loc="lower right")
     ax.set_title("AI-judge verdicts, both orders")
-    paths.append(_save(fig, plt, out / "win_tie_loss.png"))
+    return _save(fig, plt, out / "win_tie_loss.png")
 
+
+def write_plots(metrics: dict[str, Any], out: Path) -> list[Path]:
+    """``win_tie_loss.png``, ``safety.png`` (when a red-team or safe set ran) and
+    ``reward_hist.png`` (with reward scores), in ``out``."""
+    plt = _pyplot()
+    paths = []
+    names = list(metrics["win_rate"])
+    if names:
+        paths.append(_win_tie_loss(plt, metrics, names, out))
     keys = [
         ("red-team refusal", "red_team_refusal_rate"),
         ("red-team judged harmless", "red_team_judged_harmless_rate"),
         ("safe over-refusal", "over_refusal_rate"),
     ]
     keys = [(label, k) for label, k in keys if k in metrics["policy"]]
+    keys += [(f"complies: {pid}", pid) for pid in metrics["policy"].get("compliance") or {}]
     if keys:
-        fig, ax = plt.subplots(figsize=(6, 3.5))
+        fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(keys)), 3.5))
         for j, role in enumerate(MODELS):
-            rs = [metrics[role][k] for _, k in keys]
+            m = {**metrics[role], **(metrics[role].get("compliance") or {})}
+            rs = [m.get(k) or {"rate": None} for _, k in keys]
             vals = [r["rate"] if r["rate"] is not None else math.nan for r in rs]
             err = [
                 [max(0.0, r["rate"] - r["ci95"][0]) if r["rate"] is not None else 0.0 for r in rs],
@@ -418,10 +450,10 @@ def write_plots(metrics: dict[str, Any], out: Path) -> list[Path]:
             xs = [i + (j - 0.5) * 0.4 for i in range(len(keys))]
             ax.bar(xs, vals, 0.4, yerr=err, capsize=3, label=role)
         ax.set_xticks(range(len(keys)))
-        ax.set_xticklabels([label for label, _ in keys], fontsize=8)
+        ax.set_xticklabels([label for label, _ in keys], fontsize=7, rotation=20, ha="right")
         ax.set_ylim(0, 1.05)
         ax.legend(fontsize=8)
-        ax.set_title("Safety rates with Wilson 95 % intervals")
+        ax.set_title("Safety and compliance rates with Wilson 95 % intervals")
         paths.append(_save(fig, plt, out / "safety.png"))
 
     if "reward" in metrics["policy"]:

@@ -39,6 +39,15 @@ def _get(metrics: dict[str, Any], path: Sequence[str]) -> Any:
     return node if isinstance(node, (int, float)) else None
 
 
+def metric_paths(metrics: dict[str, Any], role: str) -> list[tuple[str, list[str]]]:
+    """(name, path in eval.json's metrics) of every metric of a role: :data:`METRICS`, then
+    the compliance with each code-checked principle (``compliance:<id>``) and overall."""
+    out = [(name, [w.format(role=role) for w in where]) for name, where in METRICS]
+    for pid in (metrics.get(role) or {}).get("compliance") or {}:
+        out.append((f"compliance:{pid}", [role, "compliance", pid]))
+    return out
+
+
 def round_metrics(evals: Sequence[tuple[str | None, int | None, Path]]) -> dict[str, Any]:
     """Per block, each metric's value by round, from the evaluation folders of its rounds.
 
@@ -59,14 +68,16 @@ def round_metrics(evals: Sequence[tuple[str | None, int | None, Path]]) -> dict[
         b = out.setdefault(block, {"rounds": [], "policy": {}, "baseline": {}})
         b["rounds"].append(k)
         for role in ("policy", "baseline"):
-            for name, where in METRICS:
+            for name, where in metric_paths(metrics, role):
                 if name == "win_rate" and role == "baseline":
                     continue  # the win rate is the policy's over the baseline
-                value = _get(metrics, [w.format(role=role) for w in where])
-                b[role].setdefault(name, []).append(value)
-    for b in out.values():  # drop metrics no round has
+                b[role].setdefault(name, [None] * (len(b["rounds"]) - 1))
+                b[role][name].append(_get(metrics, where))
+    for b in out.values():  # pad metrics some rounds lack; drop metrics no round has
         for role in ("policy", "baseline"):
-            b[role] = {m: v for m, v in b[role].items() if any(x is not None for x in v)}
+            n = len(b["rounds"])
+            b[role] = {m: v + [None] * (n - len(v)) for m, v in b[role].items()
+                       if any(x is not None for x in v)}  # fmt: skip
     return out
 
 

@@ -370,10 +370,18 @@ class _Planner:
         jcfg = J.judge_config(jstage)
         st = StageEstimate(name, m.model)
         out.append(st)
+        if jstage.kind in ("python", "reward_model"):
+            return  # scored by the user's function or a reward model: no judge model call
+        # a judge kind's records have ids of their own: count what is done by the cache alone
+        plain = jstage.kind == "auto" and not jstage.label_noise
         for pid, prompt, x, y, source, i, j, missing in pairs:
             principles = J.judge_principles(
-                self.constitution, jcfg.principles_k, cfg.seed, f"{pid}:{i}:{j}:{source}"
-            )
+                self.constitution, jcfg.principles_k, cfg.seed, f"{pid}:{i}:{j}:{source}",
+                jstage.kind,
+            )  # fmt: skip
+            principles = [p for p in principles if not J.rule_judged(p, jstage.kind)]
+            if not principles:
+                continue  # judged by rule checks only
             reqs = [
                 J.judge_requests(self.book, prompt, x or "", y or "", p, jcfg, system=cfg.system)
                 for p in principles
@@ -395,7 +403,7 @@ class _Planner:
                 )
             # A principle drawn twice gives identical requests, which the runner sends once.
             distinct = list({p.id: rr for p, rr in zip(principles, reqs, strict=True)}.values())
-            if known and self.view.record(name, rid) is not None:
+            if known and plain and self.view.record(name, rid) is not None:
                 st.done += 2 * len(distinct)
                 continue
             for req in (r for rr in distinct for r in rr):

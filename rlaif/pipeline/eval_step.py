@@ -35,6 +35,8 @@ from rlaif.store import CallCache, content_hash
 from rlaif.train.recipes import POLICY_TRAINERS
 from rlaif.version import __version__
 
+ADDED = {"label_field": None, "win_rate": True}  # eval fields added after the first release
+
 
 def _eval_headline(metrics: dict[str, Any]) -> dict[str, Any]:
     """The rates a reader wants first: win rate, then policy vs baseline safety."""
@@ -42,12 +44,15 @@ def _eval_headline(metrics: dict[str, Any]) -> dict[str, Any]:
     def r(x: Any) -> Any:
         return x.get("rate") if isinstance(x, dict) else None
 
-    out: dict[str, Any] = {"win_rate": r(metrics["win_rate"]["all"]["win_rate"])}
+    wins = metrics["win_rate"].get("all")
+    out: dict[str, Any] = {"win_rate": r(wins["win_rate"]) if wins else None}
     for role in ("policy", "baseline"):
         m = metrics[role]
         for key in ("red_team_judged_harmless_rate", "red_team_refusal_rate", "over_refusal_rate"):
             if key in m:
                 out[f"{role}_{key}"] = r(m[key])
+        if m.get("compliance"):  # every code-checked principle passed
+            out[f"{role}_compliance"] = r(m["compliance"].get("all"))
     return out
 
 
@@ -107,7 +112,8 @@ def evaluate_policy(
     jcfg = JudgeConfig(tie_threshold=js.tie_threshold, flip_margin=js.flip_margin) if js else None
     settings = {
         "tie_rule": jcfg.to_dict() if jcfg else None,
-        **dataclasses.asdict(ev),
+        # fields added since keep earlier evaluations' hashes while at their defaults
+        **{k: v for k, v in dataclasses.asdict(ev).items() if ADDED.get(k, ...) != v},
         "seed": cfg.seed,
         "policy": policy.hash,
         "reward": reward.hash if reward else None,
@@ -127,7 +133,8 @@ def evaluate_policy(
     started = time.perf_counter()
     sets, data = {}, {}
     for name, path in paths.items():
-        items, skipped = read_prompts(path, field=ev.field, limit=ev.limit)
+        label_field = ev.label_field if name == "prompts" else None  # the others: by set
+        items, skipped = read_prompts(path, field=ev.field, limit=ev.limit, label_field=label_field)
         sets[name] = items
         data[name] = {
             "path": str(path),
@@ -165,6 +172,7 @@ def evaluate_policy(
             book=book,
             stream=stream,
             judge_config=jcfg,
+            win_rate=ev.win_rate,
         )
     finally:
         for c in by_model.values():

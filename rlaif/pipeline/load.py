@@ -27,6 +27,7 @@ from rlaif.config.schema import (
 )
 from rlaif.errors import ConfigError
 from rlaif.export.filters import PreferenceExportConfig
+from rlaif.pipeline.judges import check_kind
 from rlaif.pipeline.plan import KEYS, PlannedStep, plan_steps
 from rlaif.pipeline.train_steps import build_config, step_config, wire
 from rlaif.stages.judge import judge_config
@@ -154,8 +155,13 @@ def _check(cfg: PipelineConfig, raw: LineDict, f: str) -> None:
                 )
         try:
             judge_config(j)
+            check_kind(j)
         except ConfigError as exc:
-            fail(exc.message, f"stages.judge.{exc.field}" if exc.field else "stages.judge")
+            field = exc.field or "judge"
+            fail(exc.message, f"stages.{field}" if field.startswith("judge") else
+                 f"stages.judge.{field}")  # fmt: skip
+        if j.kind in ("python", "reward_model") and j.extra_models:
+            fail(f"a {j.kind} judge takes no extra judge models", "stages.judge.extra_models")
         if cfg.stages.sample is None and not (j.cai_sl and cfg.stages.critique_revise):
             fail(
                 "nothing to judge: add stages.sample (n >= 2) or stages.critique_revise",
@@ -223,8 +229,10 @@ def _check_post(cfg: PipelineConfig, raw: LineDict, f: str) -> None:
                     f"{at}.data",
                 )
         reward_set = step.set.get("reward")
-        judge_reward = isinstance(reward_set, dict) and reward_set.get("kind") == "judge"
-        if step.trainer in ONLINE_TRAINERS and not (reward_before or judge_reward):
+        own_reward = isinstance(reward_set, dict) and reward_set.get("kind") in (
+            "judge", "rule", "python"
+        )  # fmt: skip
+        if step.trainer in ONLINE_TRAINERS and not (reward_before or own_reward):
             fail(
                 f"{step.trainer} needs a reward model: add a 'reward' step before it",
                 f"{at}.trainer",

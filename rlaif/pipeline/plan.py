@@ -34,7 +34,16 @@ STEP_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # becomes a folder n
 DATASETS = ("auto", "sft", "preferences", "pairs")
 # the keys each kind of step may set, besides `name`
 KEYS = {
-    "data": {"model", "critique_revise", "sample", "judge", "export", "judge_model", "prompts"},
+    "data": {
+        "model",
+        "critique_revise",
+        "sample",
+        "judge",
+        "export",
+        "judge_model",
+        "prompts",
+        "samples_from",
+    },
     "train": {"model", "trainer", "config", "data", "dataset", "reward", "set"},
     "eval": {"model", "eval", "baseline"},
     "rounds": {"rounds", "rotate_prompts", "steps"},
@@ -60,6 +69,9 @@ class PlannedStep:
         reward: an online RL step's reward step (full name), or None (a judge reward).
         baseline: an evaluation's baseline: ``base`` or a training step.
         prompts: a data step's prompts (with the round's offset applied).
+        samples_from: the data step whose samples a judge-only data step judges, or None.
+        scorer: the reward step a ``judge.kind: reward_model`` data step scores with (when
+            ``judge.reward_model`` names one), or None.
     """
 
     name: str
@@ -75,6 +87,8 @@ class PlannedStep:
     reward: str | None = None
     baseline: str = "base"
     prompts: PromptSourceConfig | None = None
+    samples_from: str | None = None
+    scorer: str | None = None
 
     @property
     def trainer(self) -> str:
@@ -95,10 +109,17 @@ def step_kind(step: StepConfig) -> list[str]:
     return kinds
 
 
+def reward_kind(step: StepConfig) -> str:
+    """Where an online RL step's reward comes from: ``model`` (a reward step, the default) or
+    what ``set: {reward: {kind: ...}}`` says (``judge``, ``rule``, ``python``)."""
+    reward = step.set.get("reward")
+    kind = reward.get("kind") if isinstance(reward, dict) else None
+    return kind if isinstance(kind, str) else "model"
+
+
 def judge_reward(step: StepConfig) -> bool:
     """Whether an online RL step scores with the AI judge (``set: {reward: {kind: judge}}``)."""
-    reward = step.set.get("reward")
-    return isinstance(reward, dict) and reward.get("kind") == "judge"
+    return reward_kind(step) == "judge"
 
 
 def _fail(msg: str, field: str) -> ConfigError:
@@ -239,6 +260,15 @@ def _plan_data(
 ) -> None:
     s = p.step
     p.model = scope.model(s.model, "policy", local, f"{p.at}.model")
+    if s.samples_from is not None:
+        _plan_samples_from(p, local, scope)
+    if s.judge is not None and s.judge.kind == "reward_model" and s.judge.reward_model:
+        found = scope.done.get(local.get(s.judge.reward_model, s.judge.reward_model))
+        if found is not None:  # else a folder
+            if found.kind != "train" or found.trainer != "reward":
+                raise _fail(f"'{s.judge.reward_model}' is not a reward step",
+                            f"{p.at}.judge.reward_model")  # fmt: skip
+            p.scorer = found.name
     if s.judge is not None:
         if s.judge_model is not None and s.judge.model is not None:
             raise _fail("set judge_model or judge.model, not both", f"{p.at}.judge_model")
@@ -246,7 +276,23 @@ def _plan_data(
             p.judge_model = scope.model(s.judge_model, "base", local, f"{p.at}.judge_model")
     elif s.judge_model is not None:
         raise _fail("no judge in this step: add a judge section", f"{p.at}.judge_model")
-    p.prompts = s.prompts
+    if s.samples_from is None:
+        p.prompts = s.prompts
+
+
+def _plan_samples_from(p: PlannedStep, local: dict[str, str], scope: _Scope) -> None:
+    s, at = p.step, f"{p.at}.samples_from"
+    src = scope.find(s.samples_from or "", local, at)
+    if src.kind != "data" or src.step.sample is None:
+        raise _fail(f"'{s.samples_from}' is not a data step with a sample section", at)
+    extra = [k for k in ("critique_revise", "sample", "prompts", "model") if getattr(s, k)]
+    if extra:
+        raise _fail(f"a step with samples_from takes its {extra[0]} from '{s.samples_from}': "
+                    f"remove it here", at)  # fmt: skip
+    if s.judge is None:
+        raise _fail("samples_from needs a judge section (what the step does)", at)
+    p.samples_from, p.model, p.prompts = src.name, src.model, src.prompts
+    p.step = dataclasses.replace(s, sample=src.step.sample)  # the same requests: found done
 
 
 def _plan_train(p: PlannedStep, local: dict[str, str], scope: _Scope) -> None:
@@ -259,6 +305,7 @@ def _plan_train(p: PlannedStep, local: dict[str, str], scope: _Scope) -> None:
     p.model = scope.model(s.model, "policy" if policy else "base", local, f"{at}.model")
     online = s.trainer in ONLINE_TRAINERS
     judge = judge_reward(s)
+    code = reward_kind(s) in ("rule", "python")  # scores on the prompts, reads no export
     if not online or judge or s.data is not None:  # reads an export
         if s.data is not None:
             src = scope.find(s.data, local, f"{at}.data")
@@ -271,7 +318,7 @@ def _plan_train(p: PlannedStep, local: dict[str, str], scope: _Scope) -> None:
             src = earlier[-1]
         p.data = src.name
         p.dataset = _dataset(s.trainer, s.dataset, src, f"{at}.dataset")
-    if online and not judge:
+    if online and not judge and not code:
         if s.reward is not None:
             r = scope.find(s.reward, local, f"{at}.reward")
         else:

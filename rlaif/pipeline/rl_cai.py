@@ -15,12 +15,14 @@ from typing import Any
 from rlaif.backends.base import SamplingParams
 from rlaif.calls.caller import GenRequest, ModelCaller, ScoreRequest
 from rlaif.constitution import Constitution
+from rlaif.pipeline.judges import JudgeKind
 from rlaif.pipeline.steps import run_gen_step
 from rlaif.progress import Progress
 from rlaif.prompts import PromptBook
 from rlaif.sources import PromptItem
 from rlaif.stages import critique as cai
 from rlaif.stages import judge as J
+from rlaif.stages import scored as S
 from rlaif.stages.pairs import candidate_pairs
 from rlaif.store import StageStore, record_id
 
@@ -36,6 +38,7 @@ class PairToJudge:
     source: str
     i: int = 0  # indices of x and y among the prompt's samples
     j: int = 1
+    label: str | None = None  # the prompt's label, for rule checks that depend on it
 
 
 def sample_wave(
@@ -70,83 +73,75 @@ def judge_wave(
     caller: ModelCaller,
     store: StageStore,
     progress: Progress,
+    kind: JudgeKind | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Judge every pair under ``jcfg.principles_k`` sampled principles, both orders.
+    """Judge every pair: by ``kind``'s scorer (python, reward_model), or under
+    ``jcfg.principles_k`` sampled principles, each by its rule check or by the AI judge (both
+    orders); then turn ``kind.label_noise`` of the verdicts around.
 
     Returns pair record id -> judge record ``{id, prompt_id, prompt, x, y, source, i, j,
     verdict, status, reason}``; ``status`` is the verdict's (``ok`` or ``error``).
     """
+    kind = kind or JudgeKind()
     out: dict[str, dict[str, Any]] = {}
     todo: list[tuple[str, PairToJudge, list, list]] = []
     for pair in pairs:
-        principles = J.judge_principles(
-            constitution,
-            jcfg.principles_k,
-            seed,
-            f"{pair.prompt_id}:{pair.i}:{pair.j}:{pair.source}",
-        )
-        reqs = [
-            J.judge_requests(book, pair.prompt, pair.x, pair.y, p, jcfg, system=system)
-            for p in principles
-        ]
-        rid = record_id(
-            "judge",
-            {
-                "prompt": pair.prompt,
-                "x": pair.x,
-                "y": pair.y,
-                "source": pair.source,
-                "requests": [[r.messages for r in rr] for rr in reqs],
-                "judge": jcfg.to_dict(),
-                "model": caller.model,
-                "revision": caller.revision,
-            },
-        )
+        principles: list = []
+        reqs: list = []
+        if kind.scorer is None:
+            principles = J.judge_principles(
+                constitution, jcfg.principles_k, seed, _key(pair), kind.kind
+            )
+            reqs = [
+                None
+                if J.rule_judged(p, kind.kind)
+                else J.judge_requests(book, pair.prompt, pair.x, pair.y, p, jcfg, system=system)
+                for p in principles
+            ]
+        inputs = {
+            "prompt": pair.prompt,
+            "x": pair.x,
+            "y": pair.y,
+            "source": pair.source,
+            "requests": [
+                [r.messages for r in rr] if rr else {"check": p.check.to_dict()}
+                for p, rr in zip(principles, reqs, strict=True)
+            ],
+            "judge": jcfg.to_dict(),
+            "model": caller.model,
+            "revision": caller.revision,
+        }
+        if kind.identity() is not None:  # the plain AI judge keeps its records' ids
+            inputs.update(kind=kind.identity(), label=pair.label)
+        rid = record_id("judge", inputs)
         if store.is_done(rid):
             out[rid] = store.get(rid)
             continue
         todo.append((rid, pair, principles, reqs))
     progress.update(len(pairs) - len(todo))
-    flat = [r for _, _, _, reqs in todo for rr in reqs for r in rr]
+    flat = [r for _, _, _, reqs in todo for rr in reqs if rr for r in rr]
     if jcfg.mode == "logprob":
         results = caller.score([r for r in flat if isinstance(r, ScoreRequest)])
     else:
         results = caller.generate([r for r in flat if isinstance(r, GenRequest)])
+    scored = _scores(kind, [p for _, p, _, _ in todo])
     records = []
     pos = 0
-    for rid, pair, principles, reqs in todo:
+    for n, (rid, pair, principles, reqs) in enumerate(todo):
         members = []
-        for p, _ in zip(principles, reqs, strict=True):
+        if kind.scorer is not None:
+            sx, sy, err = scored[n]
+            members.append(S.scored_verdict(sx, sy, jcfg, kind=kind.kind, scale=kind.scale,
+                                            model=kind.name, details=err))  # fmt: skip
+        for p, rr in zip(principles, reqs, strict=True):
+            if rr is None:
+                members.append(S.rule_verdict(p, pair.x, pair.y, pair.label, jcfg))
+                continue
             r1, r2 = results[pos], results[pos + 1]
             pos += 2
-            if not (r1.ok and r2.ok):
-                members.append(
-                    J.Verdict(
-                        "error",
-                        reason=f"judge call failed: {r1.error or r2.error}",
-                        mode=jcfg.mode,
-                        principle_ids=[p.id],
-                        models=[caller.model],
-                        n_errors=1,
-                    )
-                )
-            elif jcfg.mode == "logprob":
-                members.append(
-                    J.verdict_from_logprobs(
-                        r1.scores, r2.scores, jcfg, principle_id=p.id, model=caller.model
-                    )
-                )
-            else:
-                members.append(
-                    J.verdict_from_texts(
-                        r1.completions[0].text,
-                        r2.completions[0].text,
-                        jcfg,
-                        principle_id=p.id,
-                        model=caller.model,
-                    )
-                )
+            members.append(_ai_verdict(r1, r2, p.id, jcfg, caller.model))
         verdict = members[0] if len(members) == 1 else J.ensemble(members, jcfg)
+        verdict = S.noisy(verdict, seed, _key(pair), kind.label_noise)
         rec = {
             "id": rid,
             "prompt_id": pair.prompt_id,
@@ -166,6 +161,42 @@ def judge_wave(
     store.append(records)
     progress.update(len(todo))
     return out
+
+
+def _key(pair: PairToJudge) -> str:
+    return f"{pair.prompt_id}:{pair.i}:{pair.j}:{pair.source}"
+
+
+def _scores(
+    kind: JudgeKind, pairs: list[PairToJudge]
+) -> list[tuple[float | None, float | None, dict[str, Any] | None]]:
+    """(score of x, score of y, error details) per pair from ``kind``'s scorer, one batch; a
+    scorer that fails leaves every pair of the wave unscored, with its error."""
+    if kind.scorer is None or not pairs:
+        return []
+    triples = [(p.prompt, t, p.label) for p in pairs for t in (p.x, p.y)]
+    try:
+        s = kind.scorer(triples)
+    except Exception as exc:  # a user's function or a reward model: recorded, never guessed
+        return [(None, None, {"error": f"{type(exc).__name__}: {exc}"})] * len(pairs)
+    return [(s[2 * k], s[2 * k + 1], None) for k in range(len(pairs))]
+
+
+def _ai_verdict(r1: Any, r2: Any, pid: str, jcfg: J.JudgeConfig, model: str) -> J.Verdict:
+    if not (r1.ok and r2.ok):
+        return J.Verdict(
+            "error",
+            reason=f"judge call failed: {r1.error or r2.error}",
+            mode=jcfg.mode,
+            principle_ids=[pid],
+            models=[model],
+            n_errors=1,
+        )
+    if jcfg.mode == "logprob":
+        return J.verdict_from_logprobs(r1.scores, r2.scores, jcfg, principle_id=pid, model=model)
+    return J.verdict_from_texts(
+        r1.completions[0].text, r2.completions[0].text, jcfg, principle_id=pid, model=model
+    )
 
 
 def select_pairs(

@@ -27,6 +27,7 @@ from rlaif.export.card import scrub
 from rlaif.export.filters import PreferenceExportConfig
 from rlaif.export.preferences import export_preferences
 from rlaif.export.sl_cai import export_sl_cai
+from rlaif.pipeline.judges import judge_kind
 from rlaif.pipeline.post import PostResult, run_post
 from rlaif.pipeline.rl_cai import PairToJudge, judge_wave, sample_wave, select_pairs
 from rlaif.pipeline.sl_cai import TRACE_STAGE, critique_revise_wave, step_names
@@ -95,7 +96,13 @@ class _Run:
                 p["judge_models"] = [
                     {"model": c.model, "revision": c.revision} for c in self.judge_callers
                 ]
-            p["judge"] = J.judge_config(self.cfg.stages.judge).to_dict()  # type: ignore[union-attr]
+            j = self.cfg.stages.judge
+            assert j is not None
+            p["judge"] = J.judge_config(j).to_dict()
+            if j.kind != "auto" or j.label_noise:
+                p["judge_kind"] = {"kind": j.kind, "function": j.function,
+                                   "reward_model": j.reward_model, "scale": j.scale,
+                                   "label_noise": j.label_noise}  # fmt: skip
         return p
 
 
@@ -323,12 +330,19 @@ def _judge_and_export(
     cfg, jstage = run.cfg, run.cfg.stages.judge
     assert jstage is not None and run.judge_callers
     jcfg = J.judge_config(jstage)
+    kind = judge_kind(jstage, cfg.resolve_path("."), run.run_dir)
     prompts = {i.id: i.messages() for i in run.items}
+    labels = {i.id: i.label for i in run.items}
     pairs: list[PairToJudge] = []
     if traces is not None and jstage.cai_sl:
         pairs += [
             PairToJudge(
-                t["prompt_id"], t["prompt"], t["final_response"], t["initial_response"], "cai_sl"
+                t["prompt_id"],
+                t["prompt"],
+                t["final_response"],
+                t["initial_response"],
+                "cai_sl",
+                label=labels.get(t["prompt_id"]),
             )
             for t in traces
             if t
@@ -338,7 +352,8 @@ def _judge_and_export(
     for pid, texts in (samples or {}).items():
         ij, _ = candidate_pairs(texts, "all")
         pairs += [
-            PairToJudge(pid, prompts[pid], texts[i], texts[j], "samples", i, j) for i, j in ij
+            PairToJudge(pid, prompts[pid], texts[i], texts[j], "samples", i, j, labels[pid])
+            for i, j in ij
         ]
     per_model = []
     for n, jc in enumerate(run.judge_callers):
@@ -346,7 +361,8 @@ def _judge_and_export(
         store = run.store(name)
         manifest.set_expected(name, len(pairs))
         judged: dict[str, dict[str, Any]] = {}
-        with Progress(len(pairs), f"{name} ({jcfg.mode})", "pairs", run.stream) as progress:
+        how = jcfg.mode if kind.kind in ("auto", "ai") else kind.kind
+        with Progress(len(pairs), f"{name} ({how})", "pairs", run.stream) as progress:
             for start in range(0, len(pairs), WAVE):
                 judged.update(
                     judge_wave(
@@ -359,6 +375,7 @@ def _judge_and_export(
                         jc,
                         store,
                         progress,
+                        kind,
                     )
                 )
         per_model.append(

@@ -10,6 +10,7 @@ Layout of a run directory::
     steps/prompts.jsonl      the pipeline's prompts, for online RL steps (ppo, grpo, rloo)
     steps.json               every step: kind, status, folder, hash, seconds, headline numbers
     rounds.json, rounds.png  each evaluation metric by round, per block (when a block evaluates)
+    evals.json, evals.png    every evaluation side by side (when there are several)
 
 Resume is exact: every step has a hash over its settings and its inputs (the hashes of the
 steps whose models or data it uses, the prompts, the base model's revision). ``done.json``,
@@ -32,6 +33,7 @@ from typing import Any, TextIO
 
 from rlaif.config.schema import JudgeStageConfig, ModelConfig, PipelineConfig, StagesConfig
 from rlaif.constitution import load_constitution
+from rlaif.evaluate.compare import compare_evals, write_evals
 from rlaif.evaluate.rounds import round_metrics, write_rounds
 from rlaif.export.card import scrub
 from rlaif.pipeline.done import DONE, clean, data_hash, model_identity, now, read_done, write_json
@@ -168,6 +170,9 @@ def run_steps(
         rounds = round_metrics([(o.block, o.round, o.dir) for o in outcomes if o.kind == "eval"])
         if rounds:
             write_rounds(rounds, run_dir)
+        evals = compare_evals([(o.name, o.dir) for o in outcomes if o.kind == "eval"])
+        if len(evals["evals"]) > 1:
+            write_evals(evals, run_dir)
     return StepsResult(run_dir, outcomes, rounds, state.stats, time.perf_counter() - t0)
 
 
@@ -194,6 +199,8 @@ def data_config(state: _Steps, p: PlannedStep) -> PipelineConfig:
         judge = dataclasses.replace(s.judge)
         if p.judge_model is not None and p.judge_model != p.model:  # same model: one caller
             judge.model = state.model(p.judge_model)
+        if p.scorer is not None:
+            judge.reward_model = str(state.folder(p.scorer).resolve())
     origin = {"model": state.origin(p.model)}
     if p.judge_model is not None:
         origin["judge"] = state.origin(p.judge_model)
@@ -227,6 +234,8 @@ def _data_hashes(state: _Steps, p: PlannedStep, sub: PipelineConfig) -> tuple[st
         settings.pop(key)
     if settings["stages"]["judge"] and p.judge_model is not None:
         settings["stages"]["judge"]["model"] = None  # named by identity below
+    if p.scorer is not None:
+        settings["stages"]["judge"]["reward_model"] = None  # named by identity below
     inputs = content_hash(
         {
             "model": state.identity(p.model),
@@ -234,8 +243,11 @@ def _data_hashes(state: _Steps, p: PlannedStep, sub: PipelineConfig) -> tuple[st
             "backend": sub.model.backend,
             "prompts": data_hash(sub.resolve_path(sub.prompts.path)),
             "constitution": load_constitution(sub.constitution_ref()).content_hash,
+            **({"samples": (read_done(state.folder(p.samples_from)) or {}).get("hash")}
+               if p.samples_from else {}),
+            **({"scorer": state.identity(p.scorer)} if p.scorer else {}),
         }
-    )
+    )  # fmt: skip
     return inputs, content_hash({"inputs": inputs, "settings": settings})
 
 
@@ -254,6 +266,12 @@ def _data_step(state: _Steps, p: PlannedStep) -> StepOutcome:
     if folder.exists() and (started is None or started.get("inputs") != inputs):
         shutil.rmtree(folder)  # records of another model or other prompts: start afresh
     folder.mkdir(parents=True, exist_ok=True)
+    if p.samples_from is not None and not (folder / "stages" / "sample").exists():
+        # the earlier step's sample records: same requests, so this run finds them done
+        tmp = folder / "stages" / "sample.copy"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(state.folder(p.samples_from) / "stages" / "sample", tmp)
+        tmp.rename(folder / "stages" / "sample")
     (folder / DONE).unlink(missing_ok=True)
     write_json(folder / STARTED, {"inputs": inputs, "started_at": now()})
     result = run_pipeline(sub, retry_errors=state.retry_errors, stream=state.stream)
@@ -284,6 +302,7 @@ def _train_step(state: _Steps, p: PlannedStep) -> StepOutcome:
         dataset=data_path(state.folder(p.data), p.dataset) if p.data else None,
         prompts=state.run_dir / STEPS / "prompts.jsonl",
         reward_model=state.folder(p.reward) if p.reward else None,
+        labelled=cfg.prompts.label_field is not None,
     )
     tcfg = build_config(cfg, p.trainer, s.config, wired, s.set)
     r = run_training(
@@ -360,5 +379,8 @@ def estimate_steps(
             rows.append((p, None))
             continue
         sub = data_config(state, p)
-        rows.append((p, estimate_pipeline(sub, out=sub.output, retry_errors=retry_errors)))
+        est = estimate_pipeline(sub, out=sub.output, retry_errors=retry_errors)
+        if p.samples_from is not None:  # its samples are copied from that step, not drawn
+            est.stages = [st for st in est.stages if st.name != "sample"]
+        rows.append((p, est))
     return rows

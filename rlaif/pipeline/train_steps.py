@@ -122,6 +122,7 @@ def wire(
     dataset: Path | None,
     prompts: Path | None,
     reward_model: Path | None,
+    labelled: bool = False,
 ) -> dict[str, Any]:
     """The fields a pipeline sets on a training step before the step's own ``set``.
 
@@ -134,6 +135,8 @@ def wire(
             judge reward compares with.
         prompts: the prompts an online RL step samples on.
         reward_model: the reward step's model an online RL step scores with.
+        labelled: the prompts carry labels (``prompts.label_field``): a rule or python reward
+            gets them as its ``label`` column.
     """
     user = {k for k, _ in _flatten(user_set)}
     wired: dict[str, Any] = {"output": str(output), "seed": seed}
@@ -142,14 +145,17 @@ def wire(
         wired["dataset"] = str(dataset)
     else:
         reward = user_set.get("reward")
-        judge = isinstance(reward, dict) and reward.get("kind") == "judge"
+        kind = reward.get("kind") if isinstance(reward, dict) else None
+        judge = kind == "judge"
+        if kind in ("rule", "python") and labelled:
+            wired["label_field"] = "label"
         if not user & {"dataset", "prompts"}:
             # exactly one of the two, whatever the step's config file names
             if judge:  # the judge compares with the `chosen` response of the preference data
                 wired.update(dataset=str(dataset), prompts="")
             else:
                 wired.update(prompts=str(prompts), prompt_field="prompt", dataset="")
-        if not judge and reward_model is not None:
+        if kind in (None, "model") and reward_model is not None:
             wired["reward.kind"] = "model"
             wired["reward.model"] = str(reward_model)
     return {k: v for k, v in wired.items() if k not in user}
@@ -176,6 +182,7 @@ def _wiring(cfg: PipelineConfig, index: int, run_dir: Path) -> dict[str, Any]:
         dataset=data_path(run_dir, _data_kind(cfg, step)),
         prompts=run_dir / "train" / PROMPTS,
         reward_model=run_dir / "train" / rewards[-1].name if rewards else None,
+        labelled=cfg.prompts.label_field is not None,
     )
 
 
@@ -223,9 +230,11 @@ def _step_hash(trainer: str, tcfg: Any, run_dir: Path, upstream: dict[str, str])
 def write_prompts(items: list[PromptItem], path: Path) -> None:
     """The run's prompts as chat messages; rewritten only when they change."""
     text = "".join(
-        json.dumps({"id": it.id, "prompt": it.messages()}, ensure_ascii=False) + "\n"
+        json.dumps({"id": it.id, "prompt": it.messages(),
+                    **({"label": it.label} if it.label is not None else {})},
+                   ensure_ascii=False) + "\n"
         for it in items
-    )
+    )  # fmt: skip
     if not path.is_file() or path.read_text(encoding="utf-8") != text:
         write_atomic(path, text)
 

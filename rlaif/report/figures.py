@@ -146,7 +146,7 @@ def eval_plots(report: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, 
     from rlaif.evaluate.policy_eval import MODELS, write_plots
 
     metrics = copy.deepcopy(report["metrics"])
-    if not metrics.get("win_rate") or not all(isinstance(metrics.get(m), dict) for m in MODELS):
+    if "win_rate" not in metrics or not all(isinstance(metrics.get(m), dict) for m in MODELS):
         return {}
     for role in MODELS:  # histogram input: eval.json keeps only the summaries
         metrics[role]["reward_scores"] = [

@@ -19,6 +19,7 @@ from rlaif.report import html as H
 SECTIONS = (
     ("steps", "Steps"),
     ("rounds", "By round"),
+    ("evals", "Evaluations side by side"),
     ("training", "Training curves"),
     ("eval", "Evaluation (last)"),
 )
@@ -61,6 +62,26 @@ def _rounds(run: Path) -> tuple[Markup, bool]:
     return Markup("").join(parts), True
 
 
+def _evals(run: Path) -> tuple[Markup, bool]:
+    path = run / "evals.json"
+    if not path.is_file():
+        return H.not_run("no evals.json (fewer than two evaluations)"), False
+    table = collect.read_json(path)
+    if not isinstance(table, dict):
+        raise DataError("expected a JSON object", file=str(path))
+    parts = []
+    if (run / "evals.png").is_file():
+        parts.append(H.img(figures.png_uri((run / "evals.png").read_bytes()), "evaluations"))
+    names = table.get("evals") or []
+    for role in ("policy", "baseline"):
+        rows = [[m, *(H.rate(v) if isinstance(v, dict) else H.num(v) for v in values)]
+                for m, values in (table.get(role) or {}).items()]  # fmt: skip
+        if rows:
+            parts.append(H.h3(f"{role} of each evaluation"))
+            parts.append(H.table(["metric", *names], rows))
+    return Markup("").join(parts), True
+
+
 def build_steps_body(run: Path) -> list[tuple[str, str, Markup, bool]]:
     """The sections of a ``steps:`` run's report, for :func:`rlaif.report.html.page`."""
     summary = collect.read_json(run / "steps.json")
@@ -74,6 +95,7 @@ def build_steps_body(run: Path) -> list[tuple[str, str, Markup, bool]]:
     bodies = {
         "steps": _steps(summary, run),
         "rounds": _rounds(run),
+        "evals": _evals(run),
         "training": model_sections.training(collect.train_folders(trained)),
         "eval": model_sections.evaluation(ev, plots),
     }

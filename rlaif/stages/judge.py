@@ -159,7 +159,9 @@ class Verdict:
 
     ``winner`` is ``"a"`` (x, the pair's first response), ``"b"`` (y), ``"tie"``, or None when
     ``status == "error"``; ``reason`` says why a tie or an error. ``first_position_preferred``
-    counts the orders (of ``n_orders``) where the option shown first won, for audits.
+    counts the orders (of ``n_orders``) where the option shown first won, for audits. ``mode``
+    is the AI judge's mode, or the kind of a scored judge (``rule``, ``python``,
+    ``reward_model``), which shows no options and so has ``n_orders == 0``.
     """
 
     status: str  # "ok" | "error"
@@ -177,6 +179,10 @@ class Verdict:
     orders: list[OrderResult] = field(default_factory=list)
     members: list[Verdict] = field(default_factory=list)  # an ensemble's judgements
     n_errors: int = 0  # failed judgements within (1 for a failed single judgement)
+    # a scored judge (rule, python, reward_model: :mod:`rlaif.stages.scored`): the score of
+    # each response and what a rule check found
+    scores: dict[str, Any] | None = None
+    flipped: bool = False  # label noise: the verdict was turned around on purpose
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON data; never NaN or infinity (the store rejects them)."""
@@ -194,12 +200,43 @@ class Verdict:
 
 
 def judge_principles(
-    constitution: Constitution, k: int, seed: int, pair_id: str
+    constitution: Constitution, k: int, seed: int, pair_id: str, kind: str = "auto"
 ) -> list[Principle]:
     """``k`` judge principles for a pair, by weight and with replacement, seeded by (seed, pair)
-    so the draw does not depend on batch order or on the other pairs of the run."""
+    so the draw does not depend on batch order or on the other pairs of the run.
+
+    ``kind`` says which principles can judge: ``ai`` those with a ``judge`` question, ``rule``
+    those with a ``check``, ``auto`` both (a principle with a check is judged by its rule).
+
+    Raises:
+        ConfigError: the constitution has no principle of that kind.
+    """
     rng = random.Random(int(content_hash([seed, pair_id])[:16], 16))
-    return constitution.sample_principles(k, rng, kind="judge")
+    if kind == "auto":
+        return constitution.sample_principles(k, rng, kind="judge")
+    pool = [p for p in constitution.principles if judged_by(p, kind)]
+    if not pool:
+        what = "a judge question" if kind == "ai" else "a check"
+        raise ConfigError(
+            f"constitution '{constitution.name}' has no principle with {what} "
+            f"for a {kind} judge", file=constitution.path, field="judge.kind",
+        )  # fmt: skip
+    return rng.choices(pool, weights=[p.weight for p in pool], k=k)
+
+
+def judged_by(principle: Principle, kind: str) -> bool:
+    """Whether a ``kind`` judge (``auto``, ``ai``, ``rule``) judges with ``principle``."""
+    has_check = getattr(principle, "check", None) is not None
+    if kind == "rule":
+        return has_check
+    if kind == "ai":
+        return principle.judge is not None
+    return has_check or principle.judge is not None
+
+
+def rule_judged(principle: Principle, kind: str) -> bool:
+    """Whether ``principle`` is judged by its check (not by the AI judge) under ``kind``."""
+    return kind == "rule" or (kind == "auto" and getattr(principle, "check", None) is not None)
 
 
 def judge_requests(

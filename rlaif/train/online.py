@@ -14,6 +14,11 @@ The reward (``reward.kind``):
   principle of the constitution. The reference is a column of the data (``chosen`` of a
   preference dataset by default). A judgement that fails gives no reward (None), which TRL
   treats as unscorable (zero advantage), never as a guess.
+* ``rule``: the constitution's code-checked principles (``check:``), scored exactly; a
+  prompt file's ``label_field`` gives per-label refusal rules their label.
+* ``python``: the user's function ``reward.function`` (needs ``reward.allow_code: true``).
+
+The reward functions are in :mod:`rlaif.train.reward_funcs`.
 
 Prompts come from the train split of a preference dataset's ``prompt`` column (``dataset``;
 a test split stays held out) or from a prompt file (``prompts``: JSONL / CSV / Parquet / a
@@ -44,6 +49,7 @@ from rlaif.train.common import (
 from rlaif.train.config import BaseTrainConfig
 from rlaif.train.curves import CurveLogger, quiet_bars, watch, write_metrics
 from rlaif.train.data import load_preferences
+from rlaif.train.reward_funcs import JudgeReward, build_reward, judge_reward  # noqa: F401
 
 
 @dataclass
@@ -51,7 +57,8 @@ class RewardSource:
     """Where rewards come from.
 
     Attributes:
-        kind: ``model`` (a trained reward model) or ``judge`` (the AI judge).
+        kind: ``model`` (a trained reward model), ``judge`` (the AI judge), ``rule`` (the
+            constitution's checks) or ``python`` (``function``).
         model: ``kind: model``: the reward model folder.
         backend: ``kind: judge``: backend kind (transformers, vllm, fake).
         judge_model: ``kind: judge``: the judge model id or path.
@@ -63,6 +70,8 @@ class RewardSource:
         reference: ``kind: judge``: the data column holding the response to beat.
         system: ``kind: judge``: system prompt of the judged conversation, if any.
         max_new_tokens: ``kind: judge``, reasoning mode: length of the judge's reasoning.
+        function: ``kind: python``: ``module:name`` of a function scoring completions.
+        allow_code: ``kind: python``: the function is your code; it runs only when true.
     """
 
     kind: str = "model"
@@ -77,6 +86,11 @@ class RewardSource:
     reference: str = "chosen"
     system: str | None = None
     max_new_tokens: int = 256
+    function: str | None = None
+    allow_code: bool = False
+
+
+REWARD_KINDS = ("model", "judge", "rule", "python")
 
 
 @dataclass
@@ -91,6 +105,8 @@ class OnlineTrainConfig(BaseTrainConfig):
     Attributes:
         prompts: a prompt file instead of ``dataset`` (JSONL / CSV / Parquet / saved dataset).
         prompt_field: the column of ``prompts`` holding the prompt.
+        label_field: a column of ``prompts`` with each prompt's label (harmful, safe, ...),
+            passed to the reward as ``label`` (for per-label rule checks).
         limit: use at most this many prompts.
         reward: where rewards come from (see :class:`RewardSource`).
         num_generations: completions sampled per prompt (the group).
@@ -102,6 +118,7 @@ class OnlineTrainConfig(BaseTrainConfig):
 
     prompts: str = ""
     prompt_field: str = "prompt"
+    label_field: str | None = None
     limit: int | None = None
     reward: RewardSource = field(default_factory=RewardSource)
     learning_rate: float = 1e-5
@@ -121,7 +138,7 @@ class OnlineTrainConfig(BaseTrainConfig):
             ("top_p", 0 < self.top_p <= 1, "must be in (0, 1]"),
             ("beta", self.beta >= 0, "must be >= 0"),
             ("limit", self.limit is None or self.limit >= 1, "must be >= 1"),
-            ("reward.kind", r.kind in ("model", "judge"), "must be model or judge"),
+            ("reward.kind", r.kind in REWARD_KINDS, f"must be one of {', '.join(REWARD_KINDS)}"),
             ("reward.mode", r.mode in ("logprob", "reasoning"), "must be logprob or reasoning"),
             ("reward.principles_k", r.principles_k >= 1, "must be >= 1"),
         ]
@@ -166,127 +183,6 @@ class RLOOTrainConfig(OnlineTrainConfig):
 # -- rewards ----------------------------------------------------------------------------------
 
 
-def _text(value: Any) -> str:
-    """A response as text: a string, or the last message of a message list."""
-    if isinstance(value, list):
-        return str(value[-1]["content"]) if value else ""
-    return str(value)
-
-
-class JudgeReward:
-    """A TRL reward function: P(completion better than the reference) from the AI judge.
-
-    Args:
-        backend: the judge model (any :class:`rlaif.backends.Backend`).
-        constitution: where judge principles are drawn from (per completion, seeded).
-        book: the prompt templates.
-        cfg: a :class:`rlaif.stages.judge.JudgeConfig`.
-        reference: the dataset column with the response to beat.
-        seed: seed of the principle draw.
-        system: system prompt of the judged conversation.
-    """
-
-    __name__ = "judge"  # TRL logs each reward function under its name
-
-    def __init__(
-        self,
-        backend: Any,
-        constitution: Any,
-        book: Any,
-        cfg: Any,
-        *,
-        reference: str = "chosen",
-        seed: int = 0,
-        system: str | None = None,
-    ) -> None:
-        self.backend, self.constitution, self.book, self.cfg = backend, constitution, book, cfg
-        self.reference, self.seed, self.system = reference, seed, system
-        self.calls = 0
-        self.errors = 0
-
-    def __call__(
-        self, prompts: list[Any], completions: list[Any], **kwargs: Any
-    ) -> list[float | None]:
-        """One reward per completion; None where the judge failed."""
-        from rlaif.stages.judge import (
-            ensemble,
-            judge_principles,
-            judge_requests,
-            verdict_from_logprobs,
-            verdict_from_texts,
-        )
-        from rlaif.store import content_hash
-
-        refs = kwargs.get(self.reference)
-        if refs is None:
-            raise DataError(f"the data has no '{self.reference}' column", field="reward.reference")
-        jobs = []  # (completion index, principle id, order-1 request, order-2 request)
-        for i, (prompt, completion, ref) in enumerate(zip(prompts, completions, refs, strict=True)):
-            convo = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
-            a, b = _text(completion), _text(ref)
-            pair_id = content_hash([convo, a, b])
-            k = self.cfg.principles_k
-            for principle in judge_principles(self.constitution, k, self.seed, pair_id):
-                r1, r2 = judge_requests(
-                    self.book, convo, a, b, principle, self.cfg, system=self.system
-                )
-                jobs.append((i, principle.id, r1, r2))
-        requests = [r for job in jobs for r in job[2:]]
-        if self.cfg.mode == "logprob":
-            scores = self.backend.score_choices(
-                [r.messages for r in requests], list(self.cfg.options)
-            )
-            answers: list[Any] = scores
-        else:
-            gens = self.backend.generate([r.messages for r in requests], self.cfg.sampling)
-            answers = [g[0].text if g else "" for g in gens]
-        model = getattr(self.backend, "model_id", None)
-        verdicts: dict[int, list[Any]] = {}
-        for n, (i, pid, _, _) in enumerate(jobs):
-            one, two = answers[2 * n], answers[2 * n + 1]
-            make = verdict_from_logprobs if self.cfg.mode == "logprob" else verdict_from_texts
-            verdicts.setdefault(i, []).append(
-                make(one, two, self.cfg, principle_id=pid, model=model)
-            )
-        rewards: list[float | None] = []
-        for i in range(len(completions)):
-            v = verdicts[i][0] if len(verdicts[i]) == 1 else ensemble(verdicts[i], self.cfg)
-            ok = v.status == "ok" and v.p_a_better is not None
-            rewards.append(float(v.p_a_better) if ok else None)
-        self.calls += len(completions)
-        self.errors += sum(r is None for r in rewards)
-        log_metric = kwargs.get("log_metric")
-        if callable(log_metric):
-            log_metric("judge/error_rate", sum(r is None for r in rewards) / max(1, len(rewards)))
-        return rewards
-
-
-def judge_reward(src: RewardSource, seed: int = 0, backend: Any = None) -> JudgeReward:
-    """Build a :class:`JudgeReward` from the config (loading the backend unless given)."""
-    from rlaif.backends import load_backend
-    from rlaif.backends.base import SamplingParams
-    from rlaif.constitution import load_constitution
-    from rlaif.prompts import PromptBook
-    from rlaif.stages.judge import JudgeConfig
-
-    cfg = JudgeConfig(
-        mode=src.mode,
-        principles_k=src.principles_k,
-        sampling=SamplingParams(temperature=0.0, max_new_tokens=src.max_new_tokens),
-    )
-    if backend is None:
-        backend = load_backend(src.backend, src.judge_model, **src.options)
-    return JudgeReward(
-        backend,
-        load_constitution(src.constitution),
-        PromptBook(src.templates),
-        cfg,
-        reference=src.reference,
-        seed=seed,
-        system=src.system,
-    )
-
-
 def load_reward_model(folder: str, trust_remote_code: bool = False) -> tuple[Any, Any]:
     """A reward model and its tokenizer; the model must have exactly one output."""
     import torch
@@ -329,8 +225,11 @@ def load_prompts(cfg: OnlineTrainConfig, tokenizer: Any) -> tuple[Any, int]:
     if cfg.prompts:
         from rlaif.sources import read_prompts
 
-        items, _ = read_prompts(Path(cfg.prompts), field=cfg.prompt_field, limit=cfg.limit)
+        items, _ = read_prompts(Path(cfg.prompts), field=cfg.prompt_field, limit=cfg.limit,
+                                label_field=cfg.label_field)  # fmt: skip
         rows = [{"prompt": item.messages()} for item in items]
+        if cfg.label_field:
+            rows = [{**row, "label": item.label} for row, item in zip(rows, items, strict=True)]
     else:
         extra = (cfg.reward.reference,) if cfg.reward.kind == "judge" else ()
         split = load_preferences(cfg.dataset, 0.0, cfg.seed, columns=("prompt", *extra))["train"]
@@ -396,7 +295,7 @@ def _train_online(cfg: OnlineTrainConfig, algorithm: str, judge_backend: Any) ->
     if cfg.reward.kind == "model":
         reward_func, reward_tok = load_reward_model(cfg.reward.model, cfg.trust_remote_code)
     else:
-        reward_func, reward_tok = judge_reward(cfg.reward, cfg.seed, judge_backend), None
+        reward_func, reward_tok = build_reward(cfg.reward, cfg.seed, judge_backend), None
 
     if algorithm == "grpo":
         from trl import GRPOConfig as Config
@@ -451,7 +350,7 @@ def _train_online(cfg: OnlineTrainConfig, algorithm: str, judge_backend: Any) ->
         "reward_last": rewards[-1] if rewards else None,
         "last": dict(callback.last),
     }
-    if isinstance(reward_func, JudgeReward):
+    if cfg.reward.kind != "model":
         metrics["judge_calls"], metrics["judge_errors"] = reward_func.calls, reward_func.errors
     save_model(trainer.model, tokenizer, out)
     curves.plot()

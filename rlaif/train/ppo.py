@@ -53,9 +53,10 @@ from rlaif.train.common import (
 )
 from rlaif.train.config import use_cpu
 from rlaif.train.curves import CurveLogger, quiet_bars, write_metrics
-from rlaif.train.online import judge_reward, load_prompts, load_reward_model
+from rlaif.train.online import load_prompts, load_reward_model
 from rlaif.train.ppo_config import PPOConfig
 from rlaif.train.ppo_rollout import ppo_epochs, rollout
+from rlaif.train.reward_funcs import build_reward
 
 __all__ = ["PPOConfig", "RewardFn", "reward_model_fn", "train_ppo"]
 
@@ -172,7 +173,7 @@ def _train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None, judge_backend: Any) -
     if reward_fn is None and cfg.reward.kind == "model":
         reward_fn = reward_model_fn(cfg.reward.model, device, cfg.trust_remote_code)
     elif reward_fn is None:
-        reward_fn = judge_reward(cfg.reward, cfg.seed, judge_backend)
+        reward_fn = build_reward(cfg.reward, cfg.seed, judge_backend)
     prompts = list(data["prompt"])
     columns = {c: list(data[c]) for c in data.column_names if c != "prompt"}
     encoded = [

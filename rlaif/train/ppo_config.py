@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from rlaif.backends.resolve import DEFAULT_MODEL
 from rlaif.errors import ConfigError
 from rlaif.train.config import LoraSettings, use_cpu
-from rlaif.train.online import RewardSource
+from rlaif.train.online import REWARD_KINDS, RewardSource
 
 __all__ = ["PPOConfig"]
 
@@ -31,6 +31,8 @@ class PPOConfig:
             ``save_to_disk`` folder or a JSONL / Parquet file.
         prompts: a prompt file instead of ``dataset`` (JSONL / CSV / Parquet / saved dataset).
         prompt_field: the column of ``prompts`` holding the prompt.
+        label_field: a column of ``prompts`` with each prompt's label, passed to the reward
+            as ``label`` (per-label rule checks).
         limit: use at most this many prompts.
         reward: where scores come from: ``kind: model`` (a reward-model folder with one
             output) or ``kind: judge`` (the AI judge: P(completion beats the reference)).
@@ -76,6 +78,7 @@ class PPOConfig:
     dataset: str = ""
     prompts: str = ""
     prompt_field: str = "prompt"
+    label_field: str | None = None
     limit: int | None = None
     reward: RewardSource = field(default_factory=RewardSource)
     output: str = "runs/train/ppo"
@@ -140,7 +143,7 @@ class PPOConfig:
             ("horizon", self.horizon >= 1, "must be >= 1"),
             ("limit", self.limit is None or self.limit >= 1, "must be >= 1"),
             ("lora.r", self.lora.r >= 1, "must be >= 1"),
-            ("reward.kind", r.kind in ("model", "judge"), "must be model or judge"),
+            ("reward.kind", r.kind in REWARD_KINDS, f"must be one of {', '.join(REWARD_KINDS)}"),
             ("reward.mode", r.mode in ("logprob", "reasoning"), "must be logprob or reasoning"),
             ("reward.principles_k", r.principles_k >= 1, "must be >= 1"),
         ]  # fmt: skip
