@@ -295,3 +295,63 @@ def test_rule_reward_function_for_online_rl_reads_the_label_column():
     labels = ["harmful", "harmful", "safe", "safe"]
     assert reward([[]] * 4, completions, label=labels) == [1.0, 0.0, 0.0, 1.0]
     assert reward([[]], ["Sure."], label=["ordinary"]) == [None]  # no rule applies
+
+
+def test_held_out_from_scores_on_another_datasets_test_split_and_trains_on_neither(tmp_path):
+    from rlaif.errors import DataError
+    from rlaif.train.data import held_out_from, load_preferences
+
+    def write(folder: Path, rows: dict[str, list[str]]) -> Path:
+        folder.mkdir()
+        for split, prompts in rows.items():
+            with open(folder / f"{split}.jsonl", "w", encoding="utf-8") as fh:
+                for p in prompts:
+                    row = {"prompt": [{"role": "user", "content": p}],
+                           "chosen": [{"role": "assistant", "content": "c"}],
+                           "rejected": [{"role": "assistant", "content": "r"}]}  # fmt: skip
+                    fh.write(json.dumps(row) + "\n")
+        return folder
+
+    ai = write(tmp_path / "ai", {"train": ["p1", "p2", "p3", "p4"], "test": ["p5"]})
+    oracle = write(tmp_path / "oracle", {"train": ["p1", "p5"], "test": ["p2", "p6"]})
+    data = held_out_from(load_preferences(ai, 0.1, 0), str(oracle), 0.1, 0)
+    train = [r["prompt"][0]["content"] for r in data["train"]]
+    test = [r["prompt"][0]["content"] for r in data["test"]]
+    assert test == ["p2", "p6"] and train == ["p1", "p3", "p4"]  # p2 is held out, not trained
+    only_train = write(tmp_path / "no-test", {"train": ["p1"]})
+    with pytest.raises(DataError, match="no test split"):
+        held_out_from(load_preferences(ai, 0.1, 0), str(only_train), 0.0, 0)
+
+
+def test_label_noise_pipelines_plan_and_their_reference_errors(tmp_path):
+    from rlaif.pipeline.plan import plan_steps
+
+    root = Path(__file__).resolve().parents[1]
+    for name in ("label-noise", "label-noise-refusal"):
+        plan = {p.name: p for p in plan_steps(load_pipeline(root / "pipelines" / f"{name}.yaml"))}
+        for arm in ("oracle", "ai", "flip-25", "flip-50"):
+            assert plan[arm].samples_from == "candidates"
+            assert plan[arm].step.sample == plan["candidates"].step.sample
+            assert (plan[f"dpo-{arm}"].model, plan[f"dpo-{arm}"].eval_data) == ("base", "oracle")
+        assert plan["rm-ai"].data == "ai" and plan["rm-ai"].eval_data == "oracle"
+        assert plan["grpo-rule"].reward is None and plan["grpo-rule"].data is None
+    (tmp_path / "prompts.jsonl").write_text('{"prompt": "hi"}\n', encoding="utf-8")
+    head = (
+        "name: t\nmodel: {id: m, backend: fake}\nprompts: {path: prompts.jsonl}\nsteps:\n"
+        "  - {name: s, sample: {n: 2}}\n"
+        "  - {name: j, samples_from: s, judge: {kind: rule}}\n"
+    )
+    bad = [
+        ("  - {name: k, samples_from: s, sample: {n: 3}, judge: {}}\n",
+         "steps[2].samples_from", "takes its sample from 's'"),
+        ("  - {name: k, samples_from: nope, judge: {}}\n", "steps[2].samples_from", "no earlier"),
+        ("  - {name: g, trainer: grpo, eval_data: j, set: {reward: {kind: rule}}}\n",
+         "steps[2].eval_data", "only reward and dpo"),
+        ("  - {name: d, trainer: dpo, eval_data: s}\n", "steps[2].eval_data",
+         "not a data step with judged preferences"),
+    ]  # fmt: skip
+    for extra, field, words in bad:
+        (tmp_path / "p.yaml").write_text(head + extra, encoding="utf-8")
+        with pytest.raises(ConfigError, match=words) as err:
+            load_pipeline(tmp_path / "p.yaml")
+        assert err.value.field == field and err.value.line is not None

@@ -194,6 +194,8 @@ class StepConfig:
             ``preferences`` or ``pairs``.
         reward: the reward step an online RL step (ppo, grpo, rloo) scores with (default:
             the last earlier one).
+        eval_data: a reward or dpo step is scored on the held-out pairs of this data step
+            instead of its own (one set of labels for every arm of an experiment).
         eval: an evaluation: ``model`` against ``baseline`` (default ``base``).
         rounds: a block: ``steps`` repeated ``rounds`` times, each round in
             ``RUN_DIR/steps/<name>/<k>/``; ``policy`` in round k starts where round k-1 ended.
@@ -215,6 +217,7 @@ class StepConfig:
     data: str | None = None
     dataset: str = "auto"
     reward: str | None = None
+    eval_data: str | None = None
     set: dict[str, Any] = field(default_factory=dict)
     eval: EvalStageConfig | None = None
     baseline: str = "base"

@@ -44,7 +44,7 @@ KEYS = {
         "prompts",
         "samples_from",
     },
-    "train": {"model", "trainer", "config", "data", "dataset", "reward", "set"},
+    "train": {"model", "trainer", "config", "data", "dataset", "reward", "set", "eval_data"},
     "eval": {"model", "eval", "baseline"},
     "rounds": {"rounds", "rotate_prompts", "steps"},
 }
@@ -66,6 +66,7 @@ class PlannedStep:
             ``judge.model`` names one outright).
         data: a training step's data step (full name), or None (online RL on prompts).
         dataset: ``sft``, ``preferences`` or ``pairs``; ``""`` for online RL on prompts.
+        eval_data: a reward / dpo step's data step whose held-out pairs it is scored on.
         reward: an online RL step's reward step (full name), or None (a judge reward).
         baseline: an evaluation's baseline: ``base`` or a training step.
         prompts: a data step's prompts (with the round's offset applied).
@@ -84,6 +85,7 @@ class PlannedStep:
     judge_model: str | None = None
     data: str | None = None
     dataset: str = ""
+    eval_data: str | None = None
     reward: str | None = None
     baseline: str = "base"
     prompts: PromptSourceConfig | None = None
@@ -318,6 +320,14 @@ def _plan_train(p: PlannedStep, local: dict[str, str], scope: _Scope) -> None:
             src = earlier[-1]
         p.data = src.name
         p.dataset = _dataset(s.trainer, s.dataset, src, f"{at}.dataset")
+    if s.eval_data is not None:
+        if s.trainer not in ("reward", "dpo"):
+            raise _fail("only reward and dpo steps are scored on held-out pairs", f"{at}.eval_data")
+        ev = scope.find(s.eval_data, local, f"{at}.eval_data")
+        if ev.kind != "data" or ev.step.judge is None:
+            raise _fail(f"'{s.eval_data}' is not a data step with judged preferences",
+                        f"{at}.eval_data")  # fmt: skip
+        p.eval_data = ev.name
     if online and not judge and not code:
         if s.reward is not None:
             r = scope.find(s.reward, local, f"{at}.reward")

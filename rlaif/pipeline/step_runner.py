@@ -303,6 +303,7 @@ def _train_step(state: _Steps, p: PlannedStep) -> StepOutcome:
         prompts=state.run_dir / STEPS / "prompts.jsonl",
         reward_model=state.folder(p.reward) if p.reward else None,
         labelled=cfg.prompts.label_field is not None,
+        eval_dataset=data_path(state.folder(p.eval_data), "preferences") if p.eval_data else None,
     )
     tcfg = build_config(cfg, p.trainer, s.config, wired, s.set)
     r = run_training(

@@ -123,6 +123,7 @@ def wire(
     prompts: Path | None,
     reward_model: Path | None,
     labelled: bool = False,
+    eval_dataset: Path | None = None,
 ) -> dict[str, Any]:
     """The fields a pipeline sets on a training step before the step's own ``set``.
 
@@ -137,12 +138,15 @@ def wire(
         reward_model: the reward step's model an online RL step scores with.
         labelled: the prompts carry labels (``prompts.label_field``): a rule or python reward
             gets them as its ``label`` column.
+        eval_dataset: the export whose held-out pairs a reward / dpo step is scored on.
     """
     user = {k for k, _ in _flatten(user_set)}
     wired: dict[str, Any] = {"output": str(output), "seed": seed}
     wired.update(model=model, revision=revision, trust_remote_code=trust_remote_code)
     if trainer not in ONLINE_TRAINERS:  # reads preference or SFT data
         wired["dataset"] = str(dataset)
+        if eval_dataset is not None:
+            wired["eval_dataset"] = str(eval_dataset)
     else:
         reward = user_set.get("reward")
         kind = reward.get("kind") if isinstance(reward, dict) else None
@@ -209,11 +213,21 @@ def step_config(cfg: PipelineConfig, index: int, run_dir: Path) -> Any:
     return build_config(cfg, step.trainer, step.config, _wiring(cfg, index, run_dir), step.set)
 
 
+# training-config fields added after steps were first hashed, with their defaults
+ADDED = {"eval_dataset": "", "label_field": None, "reward.function": None,
+         "reward.allow_code": False}  # fmt: skip
+
+
 def _step_hash(trainer: str, tcfg: Any, run_dir: Path, upstream: dict[str, str]) -> str:
     settings = dataclasses.asdict(tcfg)
     settings.pop("quiet", None)  # progress output changes nothing
+    for key, default in ADDED.items():  # steps trained before these fields keep their hash
+        section, _, name = key.rpartition(".")
+        node = settings.get(section, {}) if section else settings
+        if isinstance(node, dict) and name in node and node[name] == default:
+            del node[name]
     inputs: dict[str, Any] = {"model": model_identity(tcfg.model, tcfg.revision, upstream)}
-    for key in ("dataset", "prompts"):
+    for key in ("dataset", "prompts", "eval_dataset"):
         value = getattr(tcfg, key, "")
         if value:
             inputs[key] = data_hash(Path(value))

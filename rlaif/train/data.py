@@ -135,3 +135,39 @@ def load_preferences(
     if "test" in dd and len(dd["test"]) == 0:
         dd = datasets.DatasetDict({"train": dd["train"]})
     return dd
+
+
+def held_out_from(
+    data: Any,
+    eval_dataset: str,
+    split_test: float,
+    seed: int,
+    *,
+    columns: tuple[str, ...] = PREFERENCE_COLUMNS,
+) -> Any:
+    """``data`` with its test split replaced by the test split of ``eval_dataset``, and the
+    train rows of those test prompts left out (no prompt is both trained on and scored).
+
+    Used to measure every model of an experiment against one set of labels: reward models
+    trained on an AI judge's labels and on a rule's, both scored on the rule's held-out pairs.
+
+    Raises:
+        DataError: ``eval_dataset`` has no test split, or nothing is left to train on.
+    """
+    import json
+
+    import datasets
+
+    other = load_preferences(eval_dataset, split_test, seed, columns=columns)
+    if "test" not in other:
+        raise DataError("no test split to evaluate on", file=eval_dataset, field="eval_dataset")
+
+    def key(prompt: Any) -> str:
+        return json.dumps(prompt, sort_keys=True, ensure_ascii=False)
+
+    held = {key(p) for p in other["test"]["prompt"]}
+    train = data["train"].filter(lambda row: key(row["prompt"]) not in held)
+    if len(train) == 0:
+        raise DataError("every training prompt is in the evaluation's test split",
+                        file=eval_dataset, field="eval_dataset")  # fmt: skip
+    return datasets.DatasetDict({"train": train, "test": other["test"]})

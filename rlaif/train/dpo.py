@@ -35,7 +35,7 @@ from rlaif.train.common import (
 )
 from rlaif.train.config import BaseTrainConfig
 from rlaif.train.curves import CurveLogger, quiet_bars, watch, write_metrics
-from rlaif.train.data import load_preferences
+from rlaif.train.data import held_out_from, load_preferences
 
 # TRL 1.16's DPOConfig.loss_type values.
 LOSS_TYPES = (
@@ -54,6 +54,8 @@ class DPOTrainConfig(BaseTrainConfig):
         loss_weights: weights of several loss types; None gives each 1.
         label_smoothing: robust DPO / EXO label noise (0 is off).
         eval_at_end: evaluate the held-out split after training.
+        eval_dataset: take the held-out split from this dataset's test split instead of the
+            training data's own (every arm of an experiment scored on the same labels).
     """
 
     output: str = "runs/train/dpo"
@@ -63,6 +65,7 @@ class DPOTrainConfig(BaseTrainConfig):
     loss_weights: list[float] | None = None
     label_smoothing: float = 0.0
     eval_at_end: bool = True
+    eval_dataset: str = ""
 
     trl_config = "trl:DPOConfig"
 
@@ -121,6 +124,8 @@ def _train_dpo(cfg: DPOTrainConfig) -> TrainResult:
     require_trl()
     started = time.perf_counter()
     data = load_preferences(cfg.dataset, cfg.test_size if cfg.eval_at_end else 0.0, cfg.seed)
+    if cfg.eval_at_end and cfg.eval_dataset:
+        data = held_out_from(data, cfg.eval_dataset, cfg.test_size, cfg.seed)
     keep = ["prompt", "chosen", "rejected"]
     train_set = data["train"].select_columns(keep)
     test_set = None

@@ -30,7 +30,7 @@ from rlaif.train.common import (
 )
 from rlaif.train.config import BaseTrainConfig
 from rlaif.train.curves import CurveLogger, quiet_bars, watch, write_metrics
-from rlaif.train.data import load_preferences
+from rlaif.train.data import held_out_from, load_preferences
 
 
 @dataclass
@@ -42,6 +42,8 @@ class RewardTrainConfig(BaseTrainConfig):
         margin_scale: multiply margins by this first (0.1 softens a confident judge).
         center_rewards_coefficient: pull mean rewards toward 0 (TRL's option); None is off.
         eval_batch_size: pairs scored at once when measuring held-out accuracy.
+        eval_dataset: measure held-out accuracy on this dataset's test split instead of the
+            training data's own (e.g. a rule's labels for a model trained on an AI judge's).
     """
 
     output: str = "runs/train/reward"
@@ -50,6 +52,7 @@ class RewardTrainConfig(BaseTrainConfig):
     margin_scale: float = 1.0
     center_rewards_coefficient: float | None = None
     eval_batch_size: int = 8
+    eval_dataset: str = ""
 
     trl_config = "trl:RewardConfig"
 
@@ -194,6 +197,8 @@ def _train_reward(cfg: RewardTrainConfig) -> TrainResult:
     require_trl()
     started = time.perf_counter()
     data = load_preferences(cfg.dataset, cfg.test_size, cfg.seed)
+    if cfg.eval_dataset:
+        data = held_out_from(data, cfg.eval_dataset, cfg.test_size, cfg.seed)
     train_set, margin_used = _prepare(data["train"], cfg)
     if cfg.use_margin and not margin_used and not cfg.quiet:
         print(
