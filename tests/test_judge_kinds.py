@@ -355,3 +355,28 @@ def test_label_noise_pipelines_plan_and_their_reference_errors(tmp_path):
         with pytest.raises(ConfigError, match=words) as err:
             load_pipeline(tmp_path / "p.yaml")
         assert err.value.field == field and err.value.line is not None
+
+
+def test_audit_judges_check_principles_by_their_rule_against_human_labels(tmp_path):
+    from rlaif.backends.fake import FakeBackend
+    from rlaif.calls.caller import ModelCaller
+    from rlaif.evaluate import audit_metrics, read_comparisons, run_audit
+    from rlaif.store import CallCache
+
+    root = Path(__file__).resolve().parents[1]
+    data = read_comparisons(root / "tests/fixtures/audit/hh-rlhf-harmless-5.jsonl", "hh")
+    backend = FakeBackend()
+    caller = ModelCaller(lambda: backend, model="fake", revision="0",
+                         cache=CallCache(tmp_path / "c.jsonl"))  # fmt: skip
+    constitution = load_constitution_text(CONSTITUTION)  # two checks, one judge question
+    run = run_audit(data, caller, constitution, principles="all", quiet=True)
+    rule = [j for j in run.judgements if j.principle in ("ends-in-letter", "short")]
+    assert len(rule) == 2 * len(data.pairs)
+    assert backend.scored_requests == 2 * len(data.pairs)  # only the judge question asked the model
+    for pair in data.pairs:  # the rule's verdict is the check's, whatever the human said
+        for pid in ("ends-in-letter", "short"):
+            want = S.rule_verdict(constitution.principle(pid), pair.chosen, pair.rejected, None,
+                                  JudgeConfig())  # fmt: skip
+            got = next(j for j in rule if j.item_id == pair.id and j.principle == pid)
+            assert got.p_human == pytest.approx(want.p_a_better)
+    assert "short" in audit_metrics(run)["per_principle"]

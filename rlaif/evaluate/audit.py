@@ -35,6 +35,7 @@ from rlaif.stages.judge import (
     verdict_from_logprobs,
     verdict_from_texts,
 )
+from rlaif.stages.scored import rule_verdict
 
 Z95 = 1.959963984540054
 MC_PRINCIPLE = "mc"  # the "principle" of a multiple-choice item: the eval's own question
@@ -177,9 +178,7 @@ def principle_plan(
         raise ConfigError(
             f"principles must be 'all' or >= 1, got {principles!r}", field="principles"
         )
-    return [
-        [p.id for p in judge_principles(constitution, principles, seed, x.id, "ai")] for x in pairs
-    ]
+    return [[p.id for p in judge_principles(constitution, principles, seed, x.id)] for x in pairs]
 
 
 def run_audit(
@@ -223,8 +222,12 @@ def run_audit(
         for pair, pids in zip(data.pairs, plan, strict=True)
         for pid in dict.fromkeys(pids)
     ]
+    # a principle with a check is judged by its rule, as in a pipeline (no model call)
+    rules = {pid for pid, p in by_id.items() if p.check is not None}
     reqs: list = []
     for pair, pid in tasks:
+        if pid in rules:
+            continue
         reqs.extend(
             judge_requests(book, pair.conversation, pair.chosen, pair.rejected, by_id[pid], cfg)
         )
@@ -243,8 +246,13 @@ def run_audit(
 
     judgements: list[Judgement] = []
     verdicts: dict[tuple[str, str], Verdict] = {}
-    for k, (pair, pid) in enumerate(tasks):
-        v = _pair_verdict(results[2 * k : 2 * k + 2], cfg, pid, caller.model)
+    k = 0
+    for pair, pid in tasks:
+        if pid in rules:
+            v = rule_verdict(by_id[pid], pair.chosen, pair.rejected, None, cfg)
+        else:
+            v = _pair_verdict(results[2 * k : 2 * k + 2], cfg, pid, caller.model)
+            k += 1
         verdicts[(pair.id, pid)] = v
         judgements.append(
             from_verdict(v, pair.id, pair.source, "pair", pid, pair.chosen, pair.rejected)
