@@ -380,3 +380,12 @@ def test_audit_judges_check_principles_by_their_rule_against_human_labels(tmp_pa
             got = next(j for j in rule if j.item_id == pair.id and j.principle == pid)
             assert got.p_human == pytest.approx(want.p_a_better)
     assert "short" in audit_metrics(run)["per_principle"]
+
+
+def test_a_rule_judge_needs_principles_with_a_check_before_anything_runs(tmp_path):
+    no_checks = "name: plain\nversion: 1.0.0\nprinciples:\n  - {id: h, title: H, judge: Which}\n"
+    with pytest.raises(ConfigError, match="no principle with a check") as err:
+        load_pipeline(make(tmp_path, "{kind: rule}", no_checks))
+    assert err.value.field == "stages.judge.kind"
+    with pytest.raises(ConfigError, match="no principle with a judge question"):
+        load_pipeline(make(tmp_path, "{kind: ai}", RULE_ONLY))

@@ -25,12 +25,13 @@ from rlaif.config.schema import (
     StagesConfig,
     StepConfig,
 )
+from rlaif.constitution import load_constitution
 from rlaif.errors import ConfigError
 from rlaif.export.filters import PreferenceExportConfig
 from rlaif.pipeline.judges import check_kind
 from rlaif.pipeline.plan import KEYS, PlannedStep, plan_steps
 from rlaif.pipeline.train_steps import build_config, step_config, wire
-from rlaif.stages.judge import judge_config
+from rlaif.stages.judge import judge_config, judged_by
 from rlaif.train.recipes import ONLINE_TRAINERS, POLICY_TRAINERS, TRAINERS
 from rlaif.yamlio import LineDict, load_yaml
 
@@ -162,6 +163,12 @@ def _check(cfg: PipelineConfig, raw: LineDict, f: str) -> None:
                  f"stages.judge.{field}")  # fmt: skip
         if j.kind in ("python", "reward_model") and j.extra_models:
             fail(f"a {j.kind} judge takes no extra judge models", "stages.judge.extra_models")
+        if j.kind in ("rule", "ai"):  # the constitution must have principles of that kind
+            constitution = load_constitution(cfg.constitution_ref())
+            if not any(judged_by(p, j.kind) for p in constitution.principles):
+                what = "a check" if j.kind == "rule" else "a judge question"
+                fail(f"constitution '{constitution.name}' has no principle with {what}",
+                     "stages.judge.kind")  # fmt: skip
         if cfg.stages.sample is None and not (j.cai_sl and cfg.stages.critique_revise):
             fail(
                 "nothing to judge: add stages.sample (n >= 2) or stages.critique_revise",
