@@ -92,8 +92,9 @@ def judge_kind(stage: JudgeStageConfig, base_dir: Path, run_dir: Path) -> JudgeK
         def rm(triples: Sequence[tuple[list[dict[str, str]], str, str | None]]) -> list:
             return list(score([(c, r) for c, r, _ in triples]))
 
-        return JudgeKind(**common, scorer=rm, name=f"reward_model:{folder}",
-                         provenance={"reward_model": info})  # fmt: skip
+        # its content hash names it in record ids, so a moved run dir keeps its records
+        return JudgeKind(**common, scorer=rm, name=f"reward_model:{Path(folder).name}",
+                         provenance={"reward_model": info["revision"] or folder})  # fmt: skip
     return JudgeKind(**common)
 
 
