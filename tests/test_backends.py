@@ -344,3 +344,37 @@ def test_smollm2_smoke():
         assert single.logprobs["Paris"] > single.logprobs["Tokyo"] + 3
         assert multi.logprobs[paris] > multi.logprobs[tokyo] + 5
         assert all(v < 0 for v in {**single.logprobs, **multi.logprobs}.values())
+
+
+def test_cpu_threads_follow_the_cores_busy_now_not_the_load_average(monkeypatch):
+    from rlaif.backends import torch_utils as T
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(T.os, "sched_getaffinity", lambda _: {0, 1, 2, 3})
+    monkeypatch.setattr(T.torch, "get_num_threads", lambda: 4)
+    monkeypatch.setattr(T.os, "getloadavg", lambda: (4.0, 4.0, 4.0))  # a closed engine's trail
+    monkeypatch.setattr(T, "busy_cores", lambda cores: 0.2)
+    assert T.cpu_threads() == 4
+    monkeypatch.setattr(T, "busy_cores", lambda cores: 2.6)
+    assert T.cpu_threads() == 1
+    monkeypatch.setattr(T, "busy_cores", lambda cores: 9.0)
+    assert T.cpu_threads() == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert T.cpu_threads() == 4  # torch's own choice, which OMP_NUM_THREADS set
+
+
+def test_busy_cores_reads_proc_stat_over_a_short_window(monkeypatch, tmp_path):
+    from rlaif.backends import torch_utils as T
+
+    lines = iter(["cpu  100 50 100 800 0 0 0 0 0 0\n", "cpu  160 90 120 830 0 0 0 0 0 0\n"])
+    real_open = open
+
+    def fake_open(path, *a, **kw):
+        if str(path) == "/proc/stat":
+            (tmp_path / "stat").write_text(next(lines))
+            return real_open(tmp_path / "stat", *a, **kw)
+        return real_open(path, *a, **kw)
+
+    monkeypatch.setattr("builtins.open", fake_open)
+    # 80 of 150 jiffies busy (user + system), 40 niced and 30 idle: 2 cores x 80/150
+    assert T.busy_cores(2, window=0.0) == pytest.approx(2 * 80 / 150)

@@ -4,6 +4,7 @@ and how prompts become one left-padded batch whose forward fills a KV cache."""
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -79,18 +80,45 @@ def cpu_threads() -> int:
     a core, a peer is descheduled and every barrier costs a scheduler slice. Measured on a
     2-core machine with another process using ~1.3 cores: SmolLM2 greedy at batch 8 ran at
     2-5 tok/s with 2 threads and 45-65 tok/s with 1 thread; on an idle machine 2 threads
-    are the faster. So threads = cores minus the 1-minute load average, never more than
-    torch's default. ``OMP_NUM_THREADS`` set by the user always wins.
+    are the faster. So threads = cores minus the cores busy right now (:func:`busy_cores`),
+    never more than torch's default. ``OMP_NUM_THREADS`` set by the user always wins.
     """
     default = torch.get_num_threads()
     if os.environ.get("OMP_NUM_THREADS"):
         return default
     try:
         cores = len(os.sched_getaffinity(0))
-        busy = os.getloadavg()[0]
-    except (AttributeError, OSError):  # not Linux / no load average: keep torch's choice
+    except (AttributeError, OSError):  # not Linux: keep torch's choice
         return default
-    return max(1, min(default, cores - round(busy)))
+    busy = busy_cores(cores)
+    return default if busy is None else max(1, min(default, cores - round(busy)))
+
+
+def busy_cores(cores: int, window: float = 0.3) -> float | None:
+    """How many cores other work keeps busy now: ``/proc/stat`` sampled over ``window``
+    seconds (this process sleeps meanwhile), else the 1-minute load average.
+
+    Not the load average first: it trails by a minute, so a model engine a pipeline closed a
+    moment ago still counts, and the training step after it would get one thread on an idle
+    machine. Time of niced processes is not counted: they yield the cores to us.
+    """
+
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat", encoding="ascii") as fh:
+            v = [int(x) for x in fh.readline().split()[1:9]]
+        busy = v[0] + v[2] + v[5] + v[6] + v[7]  # user, system, irq, softirq, steal
+        return busy, busy + v[1] + v[3] + v[4]  # + nice, idle, iowait
+
+    try:
+        b0, t0 = sample()
+        time.sleep(window)
+        b1, t1 = sample()
+    except (OSError, ValueError, IndexError):
+        try:
+            return os.getloadavg()[0]
+        except (AttributeError, OSError):
+            return None
+    return cores * (b1 - b0) / (t1 - t0) if t1 > t0 else None
 
 
 def left_pad(
