@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from rlaif.evaluate.plots import _pyplot, _save
-from rlaif.evaluate.rounds import _get, _rate, metric_paths
+from rlaif.evaluate.rounds import error_bar, metric_paths, metric_value
 from rlaif.store.atomic import write_json_atomic
 
 
@@ -34,7 +34,7 @@ def compare_evals(evals: Sequence[tuple[str, Path]]) -> dict[str, Any]:
             for metric, where in metric_paths(metrics, role):
                 if metric == "win_rate" and role == "baseline":
                     continue
-                out[role].setdefault(metric, [None] * (k - 1)).append(_get(metrics, where))
+                out[role].setdefault(metric, [None] * (k - 1)).append(metric_value(metrics, where))
     n = len(out["evals"])
     for role in ("policy", "baseline"):
         out[role] = {m: v + [None] * (n - len(v)) for m, v in out[role].items()
@@ -56,7 +56,7 @@ def plot_evals(table: dict[str, Any], path: Path) -> Path:
         rates = False
         for role, shift, color in (("policy", -0.2, "C0"), ("baseline", 0.2, "C7")):
             values = table[role].get(metric) or []
-            points = [(x, _rate(v)) for x, v in zip(xs, values, strict=False)]
+            points = [(x, error_bar(v)) for x, v in zip(xs, values, strict=False)]
             points = [(x, r) for x, r in points if r is not None]
             if not points:
                 continue

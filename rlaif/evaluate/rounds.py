@@ -28,7 +28,7 @@ METRICS: tuple[tuple[str, tuple[str, ...]], ...] = (
 )
 
 
-def _get(metrics: dict[str, Any], path: Sequence[str]) -> Any:
+def metric_value(metrics: dict[str, Any], path: Sequence[str]) -> Any:
     node: Any = metrics
     for part in path:
         if not isinstance(node, dict) or part not in node:
@@ -72,7 +72,7 @@ def round_metrics(evals: Sequence[tuple[str | None, int | None, Path]]) -> dict[
                 if name == "win_rate" and role == "baseline":
                     continue  # the win rate is the policy's over the baseline
                 b[role].setdefault(name, [None] * (len(b["rounds"]) - 1))
-                b[role][name].append(_get(metrics, where))
+                b[role][name].append(metric_value(metrics, where))
     for b in out.values():  # pad metrics some rounds lack; drop metrics no round has
         for role in ("policy", "baseline"):
             n = len(b["rounds"])
@@ -81,7 +81,7 @@ def round_metrics(evals: Sequence[tuple[str | None, int | None, Path]]) -> dict[
     return out
 
 
-def _rate(v: Any) -> tuple[float, float, float] | None:
+def error_bar(v: Any) -> tuple[float, float, float] | None:
     """(value, below, above) for plotting; None when missing."""
     if v is None:
         return None
@@ -104,7 +104,7 @@ def plot_rounds(rounds: dict[str, Any], path: Path) -> Path:
         b = rounds[blk]
         rates = False
         for role, style, shift in (("policy", "o-", 0.0), ("baseline", "s--", 0.06)):
-            points = [(k, _rate(v)) for k, v in zip(b["rounds"], b[role].get(metric, []),
+            points = [(k, error_bar(v)) for k, v in zip(b["rounds"], b[role].get(metric, []),
                                                     strict=False)]  # fmt: skip
             points = [(k, r) for k, r in points if r is not None]
             if not points:

@@ -83,6 +83,7 @@ def judge_wave(
     verdict, status, reason}``; ``status`` is the verdict's (``ok`` or ``error``).
     """
     kind = kind or JudgeKind()
+    identity = kind.identity()
     out: dict[str, dict[str, Any]] = {}
     todo: list[tuple[str, PairToJudge, list, list]] = []
     for pair in pairs:
@@ -111,8 +112,8 @@ def judge_wave(
             "model": caller.model,
             "revision": caller.revision,
         }
-        if kind.identity() is not None:  # the plain AI judge keeps its records' ids
-            inputs.update(kind=kind.identity(), label=pair.label)
+        if identity is not None:  # the plain AI judge keeps its records' ids
+            inputs.update(kind=identity, label=pair.label)
         rid = record_id("judge", inputs)
         if store.is_done(rid):
             out[rid] = store.get(rid)

@@ -41,6 +41,17 @@ def _steps(summary: dict[str, Any], run: Path) -> tuple[Markup, bool]:
     return Markup("").join(parts), bool(rows)
 
 
+def _metric_rows(by_role: dict[str, Any], role: str) -> list[list[Any]]:
+    """One row per metric: its values (rates with intervals, or numbers) in order."""
+    return [[m, *(H.rate(v) if isinstance(v, dict) else H.num(v) for v in values)]
+            for m, values in (by_role.get(role) or {}).items()]  # fmt: skip
+
+
+def _figure(run: Path, name: str, alt: str) -> list[Markup]:
+    path = run / name
+    return [H.img(figures.png_uri(path.read_bytes()), alt)] if path.is_file() else []
+
+
 def _rounds(run: Path) -> tuple[Markup, bool]:
     path = run / "rounds.json"
     if not path.is_file():
@@ -48,13 +59,10 @@ def _rounds(run: Path) -> tuple[Markup, bool]:
     rounds = collect.read_json(path)
     if not isinstance(rounds, dict):
         raise DataError("expected a JSON object", file=str(path))
-    parts = []
-    if (run / "rounds.png").is_file():
-        parts.append(H.img(figures.png_uri((run / "rounds.png").read_bytes()), "metrics by round"))
+    parts = _figure(run, "rounds.png", "metrics by round")
     for block, b in rounds.items():
         for role in ("policy", "baseline"):
-            rows = [[m, *(H.rate(v) if isinstance(v, dict) else H.num(v) for v in values)]
-                    for m, values in (b.get(role) or {}).items()]  # fmt: skip
+            rows = _metric_rows(b, role)
             if rows:
                 heads = ["metric", *(f"round {k}" for k in b.get("rounds") or [])]
                 parts.append(H.h3(f"{block}: {role}"))
@@ -69,13 +77,10 @@ def _evals(run: Path) -> tuple[Markup, bool]:
     table = collect.read_json(path)
     if not isinstance(table, dict):
         raise DataError("expected a JSON object", file=str(path))
-    parts = []
-    if (run / "evals.png").is_file():
-        parts.append(H.img(figures.png_uri((run / "evals.png").read_bytes()), "evaluations"))
+    parts = _figure(run, "evals.png", "evaluations")
     names = table.get("evals") or []
     for role in ("policy", "baseline"):
-        rows = [[m, *(H.rate(v) if isinstance(v, dict) else H.num(v) for v in values)]
-                for m, values in (table.get(role) or {}).items()]  # fmt: skip
+        rows = _metric_rows(table, role)
         if rows:
             parts.append(H.h3(f"{role} of each evaluation"))
             parts.append(H.table(["metric", *names], rows))

@@ -141,7 +141,22 @@ def judge_reward(src: Any, seed: int = 0, backend: Any = None) -> JudgeReward:
     )
 
 
-class RuleReward:
+class _Tally:
+    """Counts of a reward function's calls and of the completions it could not score."""
+
+    calls = 0
+    errors = 0
+
+    def _tally(self, out: list[float | None]) -> list[float | None]:
+        self.calls += len(out)
+        self.errors += sum(r is None for r in out)
+        return out
+
+    def _labels(self, kwargs: dict[str, Any], n: int) -> list[Any]:
+        return list(kwargs.get(self.label_column) or [None] * n)  # type: ignore[attr-defined]
+
+
+class RuleReward(_Tally):
     """A TRL reward function: a completion's mean score over the constitution's checks.
 
     Args:
@@ -157,43 +172,33 @@ class RuleReward:
             raise ConfigError("the constitution has no principle with a check",
                               field="reward.constitution")  # fmt: skip
         self.label_column = label_column
-        self.calls = 0
-        self.errors = 0
 
     def __call__(
         self, prompts: list[Any], completions: list[Any], **kwargs: Any
     ) -> list[float | None]:
         from rlaif.stages.scored import rule_reward
 
-        labels = kwargs.get(self.label_column) or [None] * len(completions)
-        out = [
+        labels = self._labels(kwargs, len(completions))
+        return self._tally([
             rule_reward(self.principles, _text(c), None if lab is None else str(lab))
             for c, lab in zip(completions, labels, strict=True)
-        ]
-        self.calls += len(out)
-        self.errors += sum(r is None for r in out)
-        return out
+        ])  # fmt: skip
 
 
-class PythonReward:
+class PythonReward(_Tally):
     """A TRL reward function over the user's :class:`rlaif.stages.scored.PythonScorer`."""
 
     __name__ = "python"
 
     def __init__(self, scorer: Any, label_column: str = "label") -> None:
         self.scorer, self.label_column = scorer, label_column
-        self.calls = 0
-        self.errors = 0
 
     def __call__(
         self, prompts: list[Any], completions: list[Any], **kwargs: Any
     ) -> list[float | None]:
-        labels = kwargs.get(self.label_column) or [None] * len(completions)
         convos = [p if isinstance(p, list) else [{"role": "user", "content": p}] for p in prompts]
-        out = self.scorer(convos, [_text(c) for c in completions], list(labels))
-        self.calls += len(out)
-        self.errors += sum(r is None for r in out)
-        return out
+        texts = [_text(c) for c in completions]
+        return self._tally(self.scorer(convos, texts, self._labels(kwargs, len(completions))))
 
 
 def build_reward(src: Any, seed: int = 0, judge_backend: Any = None) -> Any:
