@@ -93,6 +93,11 @@ class JudgeStageConfig:
     reward_model: str | None = None  # a reward model folder (in steps: a reward step's name)
     scale: float = 1.0  # python / reward_model: p = sigmoid(scale * (score_x - score_y))
     label_noise: float = 0.0  # this fraction of verdicts is turned around (seeded per pair)
+    # the AI judge's prior for the option labels themselves, removed from every verdict before
+    # the tie rule (rlaif.stages.calibrate): none | pride (estimated from the run's own pairs,
+    # both orders, no labels) | content_free (from requests whose responses carry no content)
+    calibrate: str = "none"
+    calibration_sample: int = 64  # pairs (or content-free requests) the prior is estimated on
 
 
 @dataclass
@@ -166,6 +171,33 @@ class EvalStageConfig:
 
 
 @dataclass
+class ContrastFilterConfig:
+    """Filters of contrast pairs; they can only drop pairs, never relabel them."""
+
+    judge: bool = False  # the AI judge scores each pair (both orders); drop it when it prefers
+    min_p: float = 0.5  # the negative response, i.e. P(positive better) < min_p
+    check: bool = False  # drop a pair whose principle has a check that prefers the negative
+
+
+@dataclass
+class ContrastStageConfig:
+    """RLCD (rlaif.stages.contrast): both responses of a pair from the same prompt, one under a
+    principle's positive instruction and one under its negative; the positive is chosen by
+    construction and the exported prompt is the plain prompt.
+
+    placement: ``assistant`` (the paper: the affix opens the final assistant turn, the
+    opposite affix opens earlier assistant turns) or ``system`` (a system message that asks
+    for the affix's kind of response).
+    """
+
+    placement: str = "assistant"
+    generation: GenerationConfig = field(
+        default_factory=lambda: GenerationConfig(temperature=1.0, top_p=0.95, max_new_tokens=256)
+    )
+    filter: ContrastFilterConfig = field(default_factory=ContrastFilterConfig)
+
+
+@dataclass
 class StepConfig:
     """One entry of a pipeline's ``steps:`` list (:mod:`rlaif.pipeline.plan`): a data step, a
     training step, an evaluation or a block of rounds, told apart by the keys it sets.
@@ -207,6 +239,7 @@ class StepConfig:
     model: str | None = None
     critique_revise: CritiqueReviseConfig | None = None
     sample: GenerationConfig | None = None
+    contrast: ContrastStageConfig | None = None
     judge: JudgeStageConfig | None = None
     export: ExportConfig = field(default_factory=ExportConfig)
     judge_model: str | None = None
@@ -230,6 +263,7 @@ class StepConfig:
 class StagesConfig:
     critique_revise: CritiqueReviseConfig | None = None
     sample: GenerationConfig | None = None  # RL-CAI: n responses per prompt from the policy
+    contrast: ContrastStageConfig | None = None  # RLCD: a positive and a negative response
     judge: JudgeStageConfig | None = None
     export: ExportConfig = field(default_factory=ExportConfig)
     train: list[TrainStepConfig] = field(default_factory=list)  # after export, in order
