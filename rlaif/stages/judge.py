@@ -14,7 +14,10 @@ is better:
   ``band[0]`` (the CAI paper clamps chain-of-thought labels to 40-60 %).
 
 Then ``p1 = p_first(order 1)`` and ``p2 = 1 - p_first(order 2)`` both estimate P(x better), and
-``p_a_better = (p1 + p2) / 2`` cancels position bias. The tie rule (:func:`decide`), in order:
+``p_a_better = (p1 + p2) / 2`` cancels position bias. A calibrated judge (``option_prior = b``,
+estimated by :mod:`rlaif.stages.calibrate`) first removes its prior for the letter shown first
+from each order: ``p_calibrated = sigmoid(lpA - lpB - b)``; the verdict then uses that (the
+model's own ``p_first`` stays in the order). The tie rule (:func:`decide`), in order:
 
 1. ``|p1 - p2| > tie_threshold`` (default 0.5) -> tie: the order moved the answer by more than
    half the probability scale. Two probabilities on the same side of 0.5 always differ by less
@@ -84,6 +87,9 @@ class JudgeConfig:
         min_option_mass: logprob mode: error when the two options together get less probability
             than this (the judge was not answering with a letter); 0 disables the check.
         sampling: how reasoning replies are generated.
+        option_prior: logprob mode: the judge's log-odds for the option shown first, whatever
+            the content (:mod:`rlaif.stages.calibrate`), removed from every order before the
+            tie rule; 0 (the default) removes nothing and leaves :meth:`to_dict` as it was.
     """
 
     mode: str = "logprob"
@@ -95,6 +101,7 @@ class JudgeConfig:
     options: tuple[str, str] = ("A", "B")
     min_option_mass: float = 0.0
     sampling: SamplingParams = field(default_factory=lambda: SamplingParams(max_new_tokens=512))
+    option_prior: float = 0.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "band", tuple(self.band))
@@ -104,6 +111,9 @@ class JudgeConfig:
         band_ok = len(self.band) == 2 and 0 <= lo < 0.5 < hi <= 1 and abs(lo + hi - 1) < TOL
         labels_ok = len(opts) == 2 and opts[0] != opts[1]
         labels_ok &= all(isinstance(o, str) and o.strip() == o != "" for o in opts)
+        b = self.option_prior
+        prior_ok = isinstance(b, (int, float)) and math.isfinite(b)
+        prior_ok = prior_ok and (self.mode == "logprob" or b == 0)
         checks = [
             ("mode", self.mode in MODES, f"must be one of {', '.join(MODES)}"),
             ("tie_threshold", 0 <= self.tie_threshold <= 1, "must be in [0, 1]"),
@@ -113,6 +123,7 @@ class JudgeConfig:
             ("principles_k", self.principles_k >= 1, "must be >= 1"),
             ("band", band_ok, "must be (lo, hi), 0 <= lo < 0.5 < hi <= 1, lo + hi == 1"),
             ("options", labels_ok, "must be two distinct non-empty labels without outer spaces"),
+            ("option_prior", prior_ok, "must be a finite log-odds, and 0 in reasoning mode"),
         ]
         for name, ok, why in checks:
             if not ok:
@@ -121,6 +132,8 @@ class JudgeConfig:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.update(band=list(self.band), options=list(self.options), sampling=self.sampling.to_dict())
+        if not self.option_prior:  # an uncalibrated judge keeps the ids of its records
+            del d["option_prior"]
         return d
 
 
@@ -142,7 +155,9 @@ def judge_config(stage: JudgeStageConfig) -> JudgeConfig:
 
 @dataclass
 class OrderResult:
-    """One order of one judgement. ``p_first`` is P(the option shown first is better)."""
+    """One order of one judgement. ``p_first`` is P(the option shown first is better), as the
+    model gave it; ``p_calibrated`` the same with the judge's option prior removed (None when
+    the judge is not calibrated). ``choice`` is the model's own pick."""
 
     order: int  # 1: (x, y) shown as (A, B); 2: (y, x)
     p_first: float | None = None
@@ -151,6 +166,12 @@ class OrderResult:
     log_mass: float | None = None  # log(P(A) + P(B)) as scored, before renormalizing
     raw_text: str | None = None
     error: str | None = None
+    p_calibrated: float | None = None
+
+    @property
+    def p_used(self) -> float | None:
+        """The P(first) a verdict is built from: calibrated when the judge is."""
+        return self.p_first if self.p_calibrated is None else self.p_calibrated
 
 
 @dataclass
@@ -159,7 +180,8 @@ class Verdict:
 
     ``winner`` is ``"a"`` (x, the pair's first response), ``"b"`` (y), ``"tie"``, or None when
     ``status == "error"``; ``reason`` says why a tie or an error. ``first_position_preferred``
-    counts the orders (of ``n_orders``) where the option shown first won, for audits. ``mode``
+    counts the orders (of ``n_orders``) where the option shown first won, for audits (all on
+    the calibrated probabilities of a calibrated judge; its orders keep the raw ones). ``mode``
     is the AI judge's mode, or the kind of a scored judge (``rule``, ``python``,
     ``reward_model``), which shows no options and so has ``n_orders == 0``.
     """
@@ -357,7 +379,12 @@ def _order_from_logprobs(order: int, scores: Any, cfg: JudgeConfig) -> OrderResu
     if cfg.min_option_mass > 0 and log_mass < math.log(cfg.min_option_mass):
         why = f"options got probability {math.exp(log_mass):.3g} < min_option_mass"
         return OrderResult(order, logprobs=shown, log_mass=log_mass, error=why)
-    return OrderResult(order, p, _choice(p, cfg.options), shown, log_mass)
+    calibrated = None
+    if cfg.option_prior:  # sigmoid(lpA - lpB - b), as stably as the raw p
+        first, second = cfg.options[:2]
+        shifted = {first: float(lp[first]) - cfg.option_prior, second: lp[second]}
+        calibrated = p_first_option(shifted, cfg.options)[0]
+    return OrderResult(order, p, _choice(p, cfg.options), shown, log_mass, p_calibrated=calibrated)
 
 
 def _order_from_text(order: int, text: str, cfg: JudgeConfig) -> OrderResult:
@@ -401,10 +428,10 @@ def _verdict(
     if failed:
         return Verdict("error", reason="; ".join(failed), n_errors=1, **common)
     o1, o2 = orders
-    assert o1.p_first is not None and o2.p_first is not None
-    p1, p2 = o1.p_first, 1 - o2.p_first
+    assert o1.p_used is not None and o2.p_used is not None
+    p1, p2 = o1.p_used, 1 - o2.p_used
     winner, reason, consistent = decide(p1, p2, cfg)
-    first = sum(o.p_first > 0.5 + TOL for o in orders)  # type: ignore[operator]
+    first = sum(o.p_used > 0.5 + TOL for o in orders)  # type: ignore[operator]
     return Verdict("ok", winner, (p1 + p2) / 2, p1, p2, consistent, first, 2, reason, **common)
 
 
