@@ -5,8 +5,11 @@ Example::
     rlaif judge audit --pairs dev-500.jsonl --format hh --principles all --out runs/audit-hh
 
 writes ``audit.json``, ``judgements.jsonl`` and four PNG plots into ``--out`` and prints a
-table. Model calls are cached in ``<out>/cache/calls.jsonl``: the same command again makes no
-model call (and loads no model).
+table. In logprob mode it also estimates the judge's prior for the option shown first
+(``--calibrate pride``, the default there: from the same scored orders, no extra model call)
+and shows the rates raw and calibrated side by side (a fifth plot, ``option_prior.png``).
+Model calls are cached in ``<out>/cache/calls.jsonl``: the same command again makes no model
+call (and loads no model).
 """
 
 from __future__ import annotations
@@ -66,6 +69,21 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="logprob: score the option letters (one forward pass an order); reasoning: the "
         "judge reasons, then answers 'Answer: A|B'",
     )
+    p.add_argument(
+        "--calibrate",
+        metavar="none|pride|content_free",
+        help="estimate the judge's prior for the option shown first and show every rate raw "
+        "and calibrated: pride (from the audit's own pairs, no extra call; the default in "
+        "logprob mode), content_free (requests with content-free responses), none (the "
+        "default in reasoning mode)",
+    )
+    p.add_argument(
+        "--calibration-sample",
+        type=int,
+        default=64,
+        metavar="N",
+        help="pairs (content_free: requests) the prior is estimated on (default 64)",
+    )
     p.add_argument("--limit", type=int, metavar="N", help="audit only the first N rows")
     p.add_argument("--batch-size", type=int, default=8, metavar="B", help="requests per model call")
     p.add_argument(
@@ -119,8 +137,10 @@ def audit_command(args: argparse.Namespace) -> int:
     from rlaif.calls.caller import ModelCaller
     from rlaif.constitution import load_constitution
     from rlaif.evaluate.audit import run_audit
+    from rlaif.evaluate.calibration_audit import calibrated_run, calibration_report, estimate_prior
     from rlaif.evaluate.pairs_io import read_comparisons
-    from rlaif.evaluate.plots import audit_report, format_table, write_audit
+    from rlaif.evaluate.plots import audit_report, format_calibration, format_table, write_audit
+    from rlaif.stages.calibrate import calibrated_config, check_settings
     from rlaif.stages.judge import JudgeConfig
     from rlaif.store import CallCache
 
@@ -130,6 +150,8 @@ def audit_command(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 1:
         raise ConfigError("--max-new-tokens must be >= 1", field="max_new_tokens")
     cfg = JudgeConfig(mode=args.mode, sampling=SamplingParams(max_new_tokens=args.max_new_tokens))
+    method = args.calibrate or ("pride" if cfg.mode == "logprob" else "none")
+    check_settings(method, args.calibration_sample, cfg.mode, cli=True)
     constitution = load_constitution(args.constitution)
     data = read_comparisons(args.pairs, args.format, args.limit)
     if not data.pairs and not data.mc_items:
@@ -148,6 +170,12 @@ def audit_command(args: argparse.Namespace) -> int:
         run = run_audit(
             data, caller, constitution, cfg, principles=principles, seed=args.seed, quiet=args.quiet
         )
+        calibration = None
+        if method != "none":
+            prior = estimate_prior(run, method, args.calibration_sample, args.seed, data=data,
+                                   constitution=constitution, caller=caller, cfg=cfg)  # fmt: skip
+            ccfg = calibrated_config(cfg, prior)
+            calibration = calibration_report(prior, ccfg, run, calibrated_run(run, ccfg))
     finally:
         caller.close()
         cache.close()
@@ -161,6 +189,7 @@ def audit_command(args: argparse.Namespace) -> int:
         seed=args.seed,
         seconds=time.monotonic() - start,
         backend=args.backend,
+        calibration=calibration,
     )
     paths = write_audit(out, report, run, plots=not args.no_plots)
     skipped = data.skip_counts()
@@ -171,6 +200,8 @@ def audit_command(args: argparse.Namespace) -> int:
         + (f" ({'; '.join(f'{r}: {n}' for r, n in skipped.items())})" if skipped else "")
     )
     print(format_table(report["metrics"]))
+    if calibration:
+        print(format_calibration(calibration))
     s = caller.stats
     print(
         f"model calls {s.model_calls}, cache hits {s.cache_hits}, errors {s.errors}, "

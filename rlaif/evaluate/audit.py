@@ -16,7 +16,7 @@ import dataclasses
 import itertools
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 from rlaif.calls.caller import ModelCaller, ScoreRequest
@@ -75,7 +75,7 @@ class Judgement:
         p_human: P(human-preferred better), both orders combined.
         p_orders: the same per order: [order 1 (human's shown first), order 2].
         p_first: P(the option shown first is better) per order (of every member, for an
-            ensemble).
+            ensemble), as the verdict used it (calibrated, for a calibrated judge).
         position_consistent: both orders pick the same winner.
         len_human: characters of the human-preferred response; len_other: of the other.
         reason: why a tie or an error.
@@ -105,7 +105,7 @@ def from_verdict(
     """A judgement from a verdict on (x = human-preferred, y = the other)."""
     # Every single-order answer behind the verdict: its two orders, or its members' orders.
     members = [m for m in v.members if m.status == "ok"]
-    p_first = [o.p_first for o in v.orders] or [o.p_first for m in members for o in m.orders]
+    p_first = [o.p_used for o in v.orders] or [o.p_used for m in members for o in m.orders]
     return Judgement(
         item_id,
         source,
@@ -128,12 +128,17 @@ def from_verdict(
 
 @dataclass
 class AuditRun:
-    """Judgements of one audit: per principle, per comparison (ensembles), and MC details."""
+    """Judgements of one audit: per principle, per comparison (ensembles), and MC details;
+    ``verdicts`` and ``ensemble_verdicts`` are the verdicts behind ``judgements`` and
+    ``ensembles`` (None for multiple-choice ones), to judge again with another option prior
+    (:mod:`rlaif.evaluate.calibration_audit`)."""
 
     judgements: list[Judgement]
     ensembles: list[Judgement]
     mc: list[dict[str, Any]]  # per item: per-order option distributions and argmaxes
     principle_ids: list[str]
+    verdicts: list[Verdict | None] = field(default_factory=list)
+    ensemble_verdicts: list[Verdict | None] = field(default_factory=list)
 
 
 def _call(caller: ModelCaller, reqs: list, bar: Progress, generate: bool) -> list:
@@ -257,9 +262,10 @@ def run_audit(
         judgements.append(
             from_verdict(v, pair.id, pair.source, "pair", pid, pair.chosen, pair.rejected)
         )
-    ensembles = []
+    ensembles, ensemble_verdicts = [], []
     for pair, pids in zip(data.pairs, plan, strict=True):
         v = ensemble([verdicts[(pair.id, pid)] for pid in pids], cfg)
+        ensemble_verdicts.append(v)
         ensembles.append(
             from_verdict(v, pair.id, pair.source, "pair", "ensemble", pair.chosen, pair.rejected)
         )
@@ -271,7 +277,10 @@ def run_audit(
         mc_rows.append(row)
     judged = {pid for _, pid in tasks}
     used = [p for p in by_id if p in judged] + ([MC_PRINCIPLE] if data.mc_items else [])
-    return AuditRun(judgements, ensembles, mc_rows, used)
+    behind: list[Verdict | None] = [verdicts[(pair.id, pid)] for pair, pid in tasks]
+    mc_none: list[Verdict | None] = [None] * (len(judgements) - len(tasks))
+    return AuditRun(judgements, ensembles, mc_rows, used, behind + mc_none,
+                    [*ensemble_verdicts, *mc_none])  # fmt: skip
 
 
 # -- multiple choice --------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """How an audit is shown: PNG plots, the text table, and the files of an audit folder.
 
 ``audit_report(...)`` is the content of ``audit.json``; ``write_audit(out_dir, report, run)``
-writes it with ``judgements.jsonl`` (every judgement, for a closer look) and four plots.
+writes it with ``judgements.jsonl`` (every judgement, for a closer look) and four plots, plus
+``option_prior.png`` (raw vs calibrated rates) when the audit was calibrated.
 matplotlib is imported here only, with the Agg backend, so audits run with no display.
 """
 
@@ -22,6 +23,14 @@ from rlaif.store.atomic import write_atomic
 from rlaif.version import __version__
 
 PLOTS = ("agreement.png", "p_human.png", "position_bias.png", "calibration.png")
+PRIOR_PLOT = "option_prior.png"
+SIDE_NAMES = {
+    "first_position_rate": "first-pos",
+    "position_consistency": "consistent",
+    "tie_rate": "ties",
+    "agreement_decided": "agree (decided)",
+    "agreement_ties_half": "agree (tie=.5)",
+}
 
 
 def _pyplot() -> Any:
@@ -139,6 +148,20 @@ def plot_calibration(metrics: dict[str, Any], path: Path, title: str) -> Path:
     return _save(fig, plt, path)
 
 
+def plot_option_prior(calibration: dict[str, Any], path: Path, title: str) -> Path:
+    """The rates the option prior moves, raw next to calibrated (single-principle verdicts)."""
+    plt = _pyplot()
+    side = calibration["side_by_side"]["overall"]
+    names = [SIDE_NAMES.get(k, k) for k in side]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    series = [(w, [m[w] for m in side.values()]) for w in ("raw", "calibrated")]
+    _bars(ax, names, series)
+    ax.axhline(0.5, color="grey", linestyle="--", linewidth=1)
+    ax.set_ylabel("rate")
+    ax.set_title(f"{title}\n{calibration['line']}", fontsize=9)
+    return _save(fig, plt, path)
+
+
 def _save(fig: Any, plt: Any, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -147,16 +170,19 @@ def _save(fig: Any, plt: Any, path: Path) -> Path:
 
 
 def write_plots(report: dict[str, Any], run: AuditRun, out_dir: Path) -> list[Path]:
-    """The four PNG plots of an audit, in ``out_dir``."""
+    """The four PNG plots of an audit, in ``out_dir`` (five when it was calibrated)."""
     m = report["metrics"]
     judge = report["judge"]
     title = f"{judge['model']} ({judge['mode']}) on {Path(report['input']['path']).name}"
-    return [
+    pngs = [
         plot_agreement(m, out_dir / PLOTS[0], title),
         plot_p_human(run.judgements, out_dir / PLOTS[1], title),
         plot_position_bias(m, out_dir / PLOTS[2], title),
         plot_calibration(m, out_dir / PLOTS[3], title),
     ]
+    if report.get("calibration"):
+        pngs.append(plot_option_prior(report["calibration"], out_dir / PRIOR_PLOT, title))
+    return pngs
 
 
 def audit_report(
@@ -170,8 +196,11 @@ def audit_report(
     seed: int,
     seconds: float,
     backend: str,
+    calibration: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The content of ``audit.json``: what was audited with what, the metrics, the calls."""
+    """The content of ``audit.json``: what was audited with what, the metrics (raw: no option
+    prior removed), the calls, and ``calibration``
+    (:func:`rlaif.evaluate.calibration_audit.calibration_report`) when given."""
     return {
         "rlaif_version": __version__,
         "input": {
@@ -197,6 +226,7 @@ def audit_report(
         "definitions": DEFINITIONS,
         "calls": caller.stats.to_dict(),
         "seconds": round(seconds, 3),
+        **({"calibration": calibration} if calibration else {}),
     }
 
 
@@ -265,4 +295,14 @@ def format_table(metrics: dict[str, Any]) -> str:
         )
     elif mc:
         lines.append(f"multiple choice: all {mc['n_items']} items failed")
+    return "\n".join(lines)
+
+
+def format_calibration(calibration: dict[str, Any]) -> str:
+    """The option prior and the rates it moves, raw next to calibrated, with 95 % intervals."""
+    lines = [f"option prior {calibration['line']}"]
+    lines.append(f"{'':<22}{'raw':<20}{'calibrated':<20}(single-principle verdicts)")
+    for key, m in calibration["side_by_side"]["overall"].items():
+        name = SIDE_NAMES.get(key, key)
+        lines.append(f"{name:<22}{_with_ci(m['raw']):<20}{_with_ci(m['calibrated']):<20}")
     return "\n".join(lines)
