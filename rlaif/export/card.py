@@ -240,10 +240,39 @@ def _provenance_lines(prov: Mapping[str, Any]) -> list[str]:
         f"- **Seeds**: `{json.dumps(seeds, sort_keys=True)}`",
         f"- **rlaif version**: `{prov.get('rlaif_version') or __version__}`",
     ]
+    lines += _calibration_lines(prov.get("judge_calibration"))
     templates = prov.get("templates") or prov.get("template_hashes") or {}
     if isinstance(templates, Mapping) and templates:
         lines.append("- **Templates** (name: content hash):")
         lines += [f"  - `{k}`: `{v}`" for k, v in sorted(templates.items())]
+    return lines
+
+
+def _calibration_lines(cal: Any) -> list[str]:
+    """The judge's option prior (``judge_calibration`` of the provenance) and the rates it
+    moved, raw -> calibrated; nothing for an uncalibrated run."""
+    if not isinstance(cal, Mapping) or not cal.get("judges"):
+        return []
+    lines = [
+        f"- **Judge calibration** (`{cal.get('method')}`, {cal.get('sample')} sampled pairs or "
+        "requests): the judge's log-odds `b` for the option shown first, removed from every "
+        "order before the tie rule (`p = sigmoid(log P(A) - log P(B) - b)`):"
+    ]
+    names = {"first_position_rate": "first-position rate",
+             "position_consistency": "position consistency", "tie_rate": "tie rate"}  # fmt: skip
+    for j in cal["judges"]:
+        prior = j.get("prior") or {}
+        ci = prior.get("ci95")
+        ci_text = f" [{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else ""
+        rates = ", ".join(
+            f"{names.get(k, k)} {_fmt(r['raw']['rate'])} -> {_fmt(r['calibrated']['rate'])}"
+            for k, r in (j.get("rates") or {}).items()
+        )
+        lines.append(
+            f"  - `{j.get('stage')}` ({_model(j.get('model'), j.get('revision'))}): "
+            f"b = {_fmt(prior.get('bias'))}{ci_text} over n = {prior.get('n')}"
+            + (f"; raw -> calibrated: {rates}" if rates else "")
+        )
     return lines
 
 

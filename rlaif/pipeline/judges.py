@@ -13,6 +13,7 @@ from typing import Any
 
 from rlaif.config.schema import JudgeStageConfig
 from rlaif.errors import ConfigError
+from rlaif.stages.calibrate import check_settings
 from rlaif.stages.scored import JUDGE_KINDS, PythonScorer, load_function
 from rlaif.store import CallCache, content_hash
 
@@ -65,6 +66,13 @@ def check_kind(stage: JudgeStageConfig) -> None:
         raise ConfigError(
             f"judge function '{stage.function}' runs your code: set allow_code: true to allow it",
             field="judge.allow_code",
+        )
+    check_settings(stage.calibrate, stage.calibration_sample, stage.mode)
+    if stage.calibrate != "none" and stage.kind not in ("auto", "ai"):
+        raise ConfigError(
+            f"judge calibrate removes the AI judge's option prior: it needs kind auto or ai, "
+            f"got kind {stage.kind!r}",
+            field="judge.calibrate",
         )
 
 

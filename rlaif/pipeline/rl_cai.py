@@ -91,7 +91,7 @@ def judge_wave(
         reqs: list = []
         if kind.scorer is None:
             principles = J.judge_principles(
-                constitution, jcfg.principles_k, seed, _key(pair), kind.kind
+                constitution, jcfg.principles_k, seed, pair_key(pair), kind.kind
             )
             reqs = [
                 None
@@ -142,7 +142,7 @@ def judge_wave(
             pos += 2
             members.append(_ai_verdict(r1, r2, p.id, jcfg, caller.model))
         verdict = members[0] if len(members) == 1 else J.ensemble(members, jcfg)
-        verdict = S.noisy(verdict, seed, _key(pair), kind.label_noise)
+        verdict = S.noisy(verdict, seed, pair_key(pair), kind.label_noise)
         rec = {
             "id": rid,
             "prompt_id": pair.prompt_id,
@@ -164,7 +164,8 @@ def judge_wave(
     return out
 
 
-def _key(pair: PairToJudge) -> str:
+def pair_key(pair: PairToJudge) -> str:
+    """The key that seeds a pair's principle draw and label noise (not its record id)."""
     return f"{pair.prompt_id}:{pair.i}:{pair.j}:{pair.source}"
 
 
