@@ -152,7 +152,7 @@ def build_report(run_dir: str | Path) -> str:
         "summary": summary(manifest, run),
         "counts": data_sections.counts(manifest),
         "principles": data_sections.principles(uses, stats.principle_texts(manifest)),
-        "judge": data_sections.judge(stats.all_judge_stats(run, names)),
+        "judge": data_sections.judge(stats.all_judge_stats(run, names, manifest)),
         "margins": data_sections.margins(manifest, rows, rows_from, run),
         "rewards": model_sections.rewards(ev, steps, plots),
         "training": model_sections.training(steps),

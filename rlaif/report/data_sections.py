@@ -197,6 +197,21 @@ def _metric_row(name: str, m: dict[str, Any]) -> list[Any]:
     ]
 
 
+def _calibration(cal: dict[str, Any]) -> Markup:
+    """A calibrated judge's option prior and the label-free rates raw vs calibrated."""
+    names = {"first_position_rate": "first position", "position_consistency":
+             "position consistent", "tie_rate": "ties"}  # fmt: skip
+    rows = [[names.get(k, k), H.rate(r["raw"]), H.rate(r["calibrated"])]
+            for k, r in cal["rates"].items()]  # fmt: skip
+    note = H.p(
+        f"Calibrated judge: option prior {cal['prior'].describe()}. The judge's log-odds b for "
+        "the option shown first is removed from each order before the tie rule; 'raw' judges "
+        "the same scores again without removing it (pairs, the verdict the export used).",
+        "note",
+    )
+    return _join([note, H.table(["rate", "raw", "calibrated"], rows)])
+
+
 def judge(stats: list[JudgeStats]) -> Body:
     """Position consistency, ties, errors and length bias of every judge stage."""
     if not stats:
@@ -234,6 +249,8 @@ def judge(stats: list[JudgeStats]) -> Body:
                 ]
             )
         )
+        if s.calibration:
+            parts.append(_calibration(s.calibration))
         rows = [_metric_row("pairs (the verdict the export used)", m["ensemble"])]
         rows += [_metric_row(f"pairs from {src}", sm) for src, sm in s.by_source.items()]
         rows.append(_metric_row("single-principle judgements", m["overall"]))

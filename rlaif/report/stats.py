@@ -5,7 +5,9 @@ a :class:`~rlaif.evaluate.audit.Judgement` with the pair's first response ``x`` 
 the audit gives the human-preferred one. With no human label, only the metrics that do not
 depend on which response is called "human" are meaningful, and those are the ones reported
 (:data:`LABEL_FREE`): position consistency, first-position rate, ties, errors, length bias
-(the winner is the longer response) and confidence.
+(the winner is the longer response) and confidence. A calibrated judge's stage (the manifest's
+``judge_calibration``) also gets its option prior and the label-free rates raw (judged again
+from the stored scores with no prior) next to calibrated (as the run used them).
 """
 
 from __future__ import annotations
@@ -15,11 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rlaif.errors import DataError
+from rlaif.errors import DataError, RlaifError
 from rlaif.evaluate.audit import DEFINITIONS, AuditRun, Judgement, audit_metrics, from_verdict
 from rlaif.evaluate.audit import summarize as summarize_judgements
+from rlaif.evaluate.calibration_audit import verdict_rates
 from rlaif.report.collect import critique_stages, iter_stage, judge_stages
-from rlaif.stages.judge import Verdict
+from rlaif.stages.calibrate import OptionPrior
+from rlaif.stages.judge import JudgeConfig, Verdict
 
 # Audit metrics that mean the same whichever response of a pair is called "human".
 LABEL_FREE = {
@@ -64,6 +68,8 @@ class JudgeStats:
     by_source: dict[str, dict[str, Any]]  # summarize() per pair source (cai_sl, samples)
     judgements: list[Judgement]  # one per judged pair (the record's verdict)
     reasons: Counter[str]  # tie and error reasons, first words only
+    # a calibrated judge: {"prior": OptionPrior, "rates": {metric: {"raw", "calibrated"}}}
+    calibration: dict[str, Any] | None = None
 
 
 def _leaves(v: Verdict) -> list[Verdict]:
@@ -120,7 +126,34 @@ def principle_usage(run_dir: Path, stages: list[str]) -> list[PrincipleUse]:
     return sorted(uses.values(), key=lambda u: (-(u.total_critiques + u.judged), u.id))
 
 
-def judge_stats(run_dir: Path, stage: str) -> JudgeStats:
+_TIE_RULE = (
+    "mode",
+    "tie_threshold",
+    "flip_margin",
+    "tie_margin",
+    "band",
+    "options",
+    "min_option_mass",
+)
+
+
+def _calibration(
+    manifest: dict[str, Any] | None, stage: str
+) -> tuple[OptionPrior, JudgeConfig] | None:
+    """The option prior of a judge stage and the run's judge settings, from the manifest."""
+    cal = ((manifest or {}).get("info") or {}).get("judge_calibration") or {}
+    entry = next((j for j in cal.get("judges") or [] if j.get("stage") == stage), None)
+    if entry is None or not isinstance(cal.get("config"), dict):
+        return None
+    c = cal["config"]
+    try:
+        cfg = JudgeConfig(**{k: c[k] for k in _TIE_RULE if k in c})
+        return OptionPrior.from_dict(entry["prior"]), cfg
+    except (KeyError, TypeError, RlaifError):
+        return None  # a manifest from another version: no calibration shown
+
+
+def judge_stats(run_dir: Path, stage: str, manifest: dict[str, Any] | None = None) -> JudgeStats:
     """Audit metrics of one judge stage's verdicts (see the module docstring)."""
     pairs: list[Judgement] = []
     leaves: list[Judgement] = []
@@ -130,9 +163,11 @@ def judge_stats(run_dir: Path, stage: str) -> JudgeStats:
     modes: Counter[str] = Counter()
     principle_ids: dict[str, None] = {}
     n = 0
+    verdicts: list[Verdict] = []
     for rec in iter_stage(run_dir, stage):
         n += 1
         v = _verdict(rec, stage)
+        verdicts.append(v)
         x, y = str(rec.get("x", "")), str(rec.get("y", ""))
         rid, source = str(rec.get("id")), str(rec.get("source", "?"))
         models.update(dict.fromkeys(v.models))
@@ -147,6 +182,10 @@ def judge_stats(run_dir: Path, stage: str) -> JudgeStats:
             principle_ids[pid] = None
             leaves.append(from_verdict(leaf, rid, source, "pair", pid, x, y))
     metrics = audit_metrics(AuditRun(leaves, pairs, [], sorted(principle_ids)))
+    found = _calibration(manifest, stage)
+    calibration = None
+    if found is not None:
+        calibration = {"prior": found[0], "rates": verdict_rates(verdicts, found[1])}
     return JudgeStats(
         stage,
         list(models),
@@ -156,12 +195,15 @@ def judge_stats(run_dir: Path, stage: str) -> JudgeStats:
         {s: summarize_judgements(js) for s, js in sorted(by_source.items())},
         pairs,
         reasons,
+        calibration,
     )
 
 
-def all_judge_stats(run_dir: Path, stages: list[str]) -> list[JudgeStats]:
+def all_judge_stats(
+    run_dir: Path, stages: list[str], manifest: dict[str, Any] | None = None
+) -> list[JudgeStats]:
     """:func:`judge_stats` of every judge stage (``judge``, ``judge-2``, ...)."""
-    return [judge_stats(run_dir, s) for s in judge_stages(stages)]
+    return [judge_stats(run_dir, s, manifest) for s in judge_stages(stages)]
 
 
 def principle_texts(manifest: dict[str, Any] | None) -> dict[str, tuple[str, str]]:
