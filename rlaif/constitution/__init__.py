@@ -5,13 +5,14 @@ from rlaif.constitution.diff import ConstitutionDiff, diff_constitutions
 from rlaif.constitution.dump import to_yaml
 from rlaif.constitution.importers import import_constitution
 from rlaif.constitution.loader import builtin_names, find_constitution, load_constitution
-from rlaif.constitution.model import Constitution, Example, Principle
+from rlaif.constitution.model import Constitution, Contrast, Example, Principle
 
 __all__ = [
     "Check",
     "CheckResult",
     "Constitution",
     "ConstitutionDiff",
+    "Contrast",
     "Example",
     "Principle",
     "builtin_names",

@@ -86,10 +86,12 @@ def _short(value: Any, width: int = 70) -> str:
 
 
 def _fields(p: Principle) -> dict[str, Any]:
-    """A principle's fields, its check's rules as ``check.<rule>`` (an unset one is absent)."""
+    """A principle's fields, its check's rules as ``check.<rule>`` and its contrast as
+    ``contrast.positive`` / ``contrast.negative`` (an unset one is absent)."""
     out = p.to_dict()
-    for rule, value in (out.pop("check", None) or {}).items():
-        out[f"check.{rule}"] = value
+    for group in ("check", "contrast"):
+        for key, value in (out.pop(group, None) or {}).items():
+            out[f"{group}.{key}"] = value
     return out
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from rlaif.constitution.checks import parse_check
-from rlaif.constitution.model import EXAMPLE_FIELDS, Constitution, Example, Principle
+from rlaif.constitution.model import EXAMPLE_FIELDS, Constitution, Contrast, Example, Principle
 from rlaif.errors import ConfigError
 from rlaif.resources import resource_dir
 from rlaif.yamlio import LineDict, LineList, line_of, load_yaml, short_repr
@@ -27,7 +27,9 @@ TOP_FIELDS = (
     "examples",
 )
 REQUIRED_TOP = ("name", "version")
-PRINCIPLE_KEYS = ("id", "title", "tags", "weight", "critique", "revision", "judge", "check")
+PRINCIPLE_KEYS = (
+    "id", "title", "tags", "weight", "critique", "revision", "judge", "check", "contrast",
+)  # fmt: skip
 # semver 2.0.0, from semver.org
 SEMVER = re.compile(
     r"^(0|[1-9]\d*)\.(0|[1-9]\d*)\.(0|[1-9]\d*)"
@@ -240,6 +242,7 @@ def _principle(item: LineDict, f: str, where: str, base: Principle | None) -> Pr
             )
     values = base.to_dict() if base else {"id": pid, "tags": [], "weight": 1.0}
     values["check"] = base.check if base else None
+    values["contrast"] = base.contrast if base else None
     if base is None and "title" not in item:
         raise ConfigError("missing required field", file=f, line=item.line, field=f"{where}.title")
     for key in ("title", "critique", "revision", "judge"):
@@ -272,6 +275,8 @@ def _principle(item: LineDict, f: str, where: str, base: Principle | None) -> Pr
             if raw is None
             else parse_check(raw, f"{where}.check", file=f, line=item.line_of("check"))
         )
+    if "contrast" in item:  # `contrast: null` drops a parent's pair
+        values["contrast"] = _contrast(item, f, f"{where}.contrast")
     has_c, has_r = values.get("critique") is not None, values.get("revision") is not None
     if has_c != has_r:
         missing = "revision" if has_c else "critique"
@@ -281,15 +286,40 @@ def _principle(item: LineDict, f: str, where: str, base: Principle | None) -> Pr
             line=item.line,
             field=f"{where}.{missing}",
         )
-    if not has_c and values.get("judge") is None and values["check"] is None:
+    if not has_c and values.get("judge") is None and values["check"] is values["contrast"] is None:
         raise ConfigError(
-            "principle needs critique + revision, a judge question, a check, or several of them",
+            "principle needs critique + revision, a judge question, a check, a contrast, or "
+            "several of them",
             file=f,
             line=item.line,
             field=where,
         )
     values["tags"] = tuple(values["tags"])
     return Principle(**values)
+
+
+def _contrast(item: LineDict, f: str, where: str) -> Contrast | None:
+    raw, line = item["contrast"], item.line_of("contrast")
+    if raw is None:
+        return None
+    if not isinstance(raw, dict) or set(raw) != {"positive", "negative"}:
+        got = sorted(raw) if isinstance(raw, dict) else short_repr(raw)
+        raise ConfigError(
+            f"contrast must be a mapping with exactly 'positive' and 'negative', got {got}",
+            file=f, line=line, field=where,
+        )  # fmt: skip
+    texts = {}
+    for key in ("positive", "negative"):
+        v = raw[key]
+        if not isinstance(v, str) or not v.strip():
+            raise ConfigError(
+                f"must be non-empty text, got {short_repr(v)}",
+                file=f, line=line_of(raw, key) or line, field=f"{where}.{key}",
+            )  # fmt: skip
+        texts[key] = v.strip()
+    if texts["positive"] == texts["negative"]:
+        raise ConfigError("positive and negative are the same text", file=f, line=line, field=where)
+    return Contrast(**texts)
 
 
 def _remove(raw: LineDict, principles: dict[str, Principle], f: str) -> set[str]:

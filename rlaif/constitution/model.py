@@ -11,7 +11,9 @@ from typing import Any
 from rlaif.constitution.checks import Check
 from rlaif.errors import ConfigError
 
-PRINCIPLE_FIELDS = ("id", "title", "tags", "weight", "critique", "revision", "judge", "check")
+PRINCIPLE_FIELDS = (
+    "id", "title", "tags", "weight", "critique", "revision", "judge", "check", "contrast",
+)  # fmt: skip
 EXAMPLE_FIELDS = (
     "conversation",
     "response",
@@ -23,6 +25,19 @@ EXAMPLE_FIELDS = (
 
 
 @dataclass(frozen=True)
+class Contrast:
+    """RLCD's pair of opposite instructions (:mod:`rlaif.stages.contrast`): ``positive`` asks for
+    the response the principle wants, ``negative`` for its opposite, e.g. ``(harmless, helpful
+    response)`` / ``(harmful, unhelpful response)``."""
+
+    positive: str
+    negative: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"positive": self.positive, "negative": self.negative}
+
+
+@dataclass(frozen=True)
 class Principle:
     """One principle of a constitution.
 
@@ -30,7 +45,7 @@ class Principle:
     ``judge`` (a pairwise comparison question) drives the AI judge; one with ``check`` (rules of
     :mod:`rlaif.constitution.checks`) is judged by code. It may have any combination: with both
     ``judge`` and ``check``, a rule judge (where a pipeline has one) uses the check and the AI
-    judge the question.
+    judge the question. One with ``contrast`` can make RLCD contrast pairs.
     """
 
     id: str
@@ -41,6 +56,7 @@ class Principle:
     revision: str | None = None
     judge: str | None = None
     check: Check | None = None
+    contrast: Contrast | None = None
 
     @property
     def can_critique(self) -> bool:
@@ -63,8 +79,8 @@ class Principle:
     def to_dict(self) -> dict[str, Any]:
         """Plain dict with every field (the canonical form of a principle).
 
-        ``check`` appears only when set (as its canonical dict), so that adding the field left
-        the hash of every constitution without checks unchanged.
+        ``check`` and ``contrast`` appear only when set, so that adding the fields left the hash
+        of every constitution without them unchanged.
         """
         out: dict[str, Any] = {
             "id": self.id,
@@ -77,6 +93,8 @@ class Principle:
         }
         if self.check is not None:
             out["check"] = self.check.to_dict()
+        if self.contrast is not None:
+            out["contrast"] = self.contrast.to_dict()
         return out
 
 
@@ -141,6 +159,11 @@ class Constitution:
         """Principles that can judge a pair: with a ``judge`` question, a ``check``, or both
         (:attr:`rule_principles` are the ones with a check)."""
         return tuple(p for p in self.principles if p.can_judge)
+
+    @property
+    def contrast_principles(self) -> tuple[Principle, ...]:
+        """Principles with a ``contrast`` pair, for RLCD."""
+        return tuple(p for p in self.principles if p.contrast is not None)
 
     @property
     def rule_principles(self) -> tuple[Principle, ...]:
