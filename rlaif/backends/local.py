@@ -10,8 +10,17 @@ from rlaif.errors import BackendError
 
 
 def prompt_ids(tokenizer: Any, conversation: Conversation) -> list[int]:
-    """Token ids of ``conversation`` rendered by the chat template, ready for the reply."""
-    text = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+    """Token ids of ``conversation`` rendered by the chat template, ready for the reply.
+
+    A conversation that ends with an assistant message is continued: the reply starts inside
+    that message (no end-of-turn after it, no new assistant header), as RLCD's assistant-turn
+    affix needs (:mod:`rlaif.stages.contrast`).
+    """
+    go_on = bool(conversation) and conversation[-1].get("role") == "assistant"
+    text = tokenizer.apply_chat_template(
+        conversation, add_generation_prompt=not go_on, continue_final_message=go_on,
+        tokenize=False,
+    )  # fmt: skip
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 

@@ -266,10 +266,16 @@ class OpenAIBackend(Backend):
             raise
 
     def _payload(self, conversation: Conversation, **fields: Any) -> dict[str, Any]:
+        go_on = {}
+        if conversation and conversation[-1].get("role") == "assistant":
+            # continue the final assistant message (RLCD's affix); vLLM's server reads these
+            # two fields, other servers may ignore them and start a new message
+            go_on = {"continue_final_message": True, "add_generation_prompt": False}
         return {
             **self.extra_body,
             "model": self.model_id,
             "messages": [{"role": m["role"], "content": m["content"]} for m in conversation],
+            **go_on,
             **fields,
         }
 
