@@ -172,11 +172,15 @@ class EvalStageConfig:
 
 @dataclass
 class ContrastFilterConfig:
-    """Filters of contrast pairs; they can only drop pairs, never relabel them."""
+    """Filters of contrast pairs; they only drop pairs, never relabel them. A ``judge`` section
+    beside ``contrast`` is the third filter: its verdict drops a pair when P(positive better)
+    is below ``min_p`` (RLCD-Rescore's judge, used as a filter)."""
 
-    judge: bool = False  # the AI judge scores each pair (both orders); drop it when it prefers
-    min_p: float = 0.5  # the negative response, i.e. P(positive better) < min_p
-    check: bool = False  # drop a pair whose principle has a check that prefers the negative
+    min_p: float = 0.5
+    # a rule check (the `check:` vocabulary of constitutions) every pair must not fail the
+    # wrong way: drop the pair when the check prefers the negative response; ``principle``
+    # uses the check of the pair's own principle, where it has one
+    check: Any = None
 
 
 @dataclass

@@ -35,6 +35,7 @@ from rlaif.pipeline.sl_cai import step_names
 from rlaif.pipeline.steps import step_id
 from rlaif.prompts import PromptBook
 from rlaif.sources import read_pipeline_prompts
+from rlaif.stages import contrast as C
 from rlaif.stages import critique as cai
 from rlaif.stages import judge as J
 from rlaif.stages.pairs import candidate_pairs
@@ -327,6 +328,26 @@ class _Planner:
             )
         return samples
 
+    def contrast(self, items: list, out: list[StageEstimate]) -> list[tuple]:
+        """The contrast step (two requests per prompt, as pipeline.contrast); returns the pairs
+        its filter judge sees (x, y None where not generated yet)."""
+        cfg, stage = self.cfg, self.cfg.stages.contrast
+        assert stage is not None
+        m, st = self.models["policy"], StageEstimate("contrast", self.models["policy"].model)
+        out.append(st)
+        params, pairs = stage.generation.params(cfg.seed + 11), []
+        for item in items:
+            p, texts = C.contrast_principle(self.constitution, cfg.seed, item.id), []
+            for side in C.SIDES:
+                conv, note = C.contrast_conversation(item.messages(), p, side, stage.placement)
+                system = "\n\n".join(t for t in (cfg.system, note) if t) or None
+                r = self.book.render("respond", conversation=conv, system=system)
+                got = self.gen(st, m, GenRequest(r.messages, params, r.template_hash), True, 0)
+                texts.append(C.strip_affix(cai.clean(got[0]), p) if isinstance(got, list) else None)
+            missing = sum(stage.generation.max_new_tokens for t in texts if t is None)
+            pairs.append((item.id, item.messages(), *texts, "contrast", 0, 1, missing))
+        return pairs
+
     def pairs(self, items: list, traces: dict | None, samples: dict | None) -> list[tuple]:
         """(prompt id, prompt, x, y, source, i, j, missing tokens) per pair to judge."""
         cfg = self.cfg
@@ -452,8 +473,9 @@ def estimate_pipeline(
         s = cfg.stages
         traces = plan.sl_cai(items, est.stages) if s.critique_revise else None
         samples = plan.sample(items, est.stages) if s.sample else None
+        contrast = plan.contrast(items, est.stages) if s.contrast else None
         if s.judge is not None:
-            pairs = plan.pairs(items, traces, samples)
+            pairs = contrast if contrast is not None else plan.pairs(items, traces, samples)
             judges = [s.judge.model or cfg.model, *s.judge.extra_models]
             for n, jm in enumerate(judges):
                 plan.judge(pairs, "judge" if n == 0 else f"judge-{n + 1}", model(jm), est.stages)

@@ -25,12 +25,13 @@ from rlaif.config.schema import (
     StagesConfig,
     StepConfig,
 )
-from rlaif.constitution import load_constitution
+from rlaif.constitution import load_constitution, parse_check
 from rlaif.errors import ConfigError
 from rlaif.export.filters import PreferenceExportConfig
 from rlaif.pipeline.judges import check_kind
 from rlaif.pipeline.plan import KEYS, PlannedStep, plan_steps
 from rlaif.pipeline.train_steps import build_config, step_config, wire
+from rlaif.stages.contrast import PLACEMENTS
 from rlaif.stages.judge import judge_config, judged_by
 from rlaif.train.recipes import ONLINE_TRAINERS, POLICY_TRAINERS, TRAINERS
 from rlaif.yamlio import LineDict, load_yaml
@@ -141,6 +142,8 @@ def _check(cfg: PipelineConfig, raw: LineDict, f: str) -> None:
         if cfg.stages.sample.n > MAX_SAMPLES:
             # every pair is judged: n * (n - 1) / 2 pairs per prompt
             fail(f"must be at most {MAX_SAMPLES}", "stages.sample.n")
+    if cfg.stages.contrast is not None:
+        _check_contrast(cfg, fail)
     j = cfg.stages.judge
     if j is not None:
         if j.pairs not in ("all", "best_vs_worst"):
@@ -169,13 +172,19 @@ def _check(cfg: PipelineConfig, raw: LineDict, f: str) -> None:
                 what = "a check" if j.kind == "rule" else "a judge question"
                 fail(f"constitution '{constitution.name}' has no principle with {what}",
                      "stages.judge.kind")  # fmt: skip
-        if cfg.stages.sample is None and not (j.cai_sl and cfg.stages.critique_revise):
+        crs = j.cai_sl and cfg.stages.critique_revise
+        if cfg.stages.sample is None and not crs and cfg.stages.contrast is None:
             fail(
-                "nothing to judge: add stages.sample (n >= 2) or stages.critique_revise",
+                "nothing to judge: add stages.sample (n >= 2), stages.critique_revise or "
+                "stages.contrast",
                 "stages.judge",
             )
-    if cfg.stages.critique_revise is None and cfg.stages.sample is None:
-        fail("no generation stage: add stages.critique_revise and/or stages.sample", "stages")
+    if (cfg.stages.critique_revise, cfg.stages.sample, cfg.stages.contrast) == (None,) * 3:
+        fail(
+            "no generation stage: add stages.critique_revise and/or stages.sample, or "
+            "stages.contrast",
+            "stages",
+        )
     try:
         PreferenceExportConfig.from_section(cfg.stages.export.preferences)
     except ConfigError as exc:
@@ -184,6 +193,41 @@ def _check(cfg: PipelineConfig, raw: LineDict, f: str) -> None:
         if fmt not in ("jsonl", "disk", "parquet"):
             fail(f"unknown export format '{fmt}' (jsonl, disk, parquet)", "stages.export.formats")
     _check_post(cfg, raw, f)
+
+
+def _check_contrast(cfg: PipelineConfig, fail: Callable[[str, str], None]) -> None:
+    """Checks of ``stages.contrast`` (RLCD): it makes its own pairs, so it runs alone; a
+    ``judge`` section beside it is its filter."""
+    c = cfg.stages.contrast
+    assert c is not None
+    for other in ("critique_revise", "sample"):
+        if getattr(cfg.stages, other) is not None:
+            fail(f"contrast makes its own pairs: drop stages.{other} (or use a second step)",
+                 f"stages.{other}")  # fmt: skip
+    if c.placement not in PLACEMENTS:
+        fail(f"'{c.placement}' is not one of {', '.join(PLACEMENTS)}", "stages.contrast.placement")
+    try:
+        c.generation.params(cfg.seed)
+    except ValueError as exc:
+        fail(str(exc), "stages.contrast.generation")
+    if c.generation.n != 1:
+        fail("one response per side: must be 1", "stages.contrast.generation.n")
+    if not 0 <= c.filter.min_p <= 1:
+        fail(f"must be in [0, 1], got {c.filter.min_p!r}", "stages.contrast.filter.min_p")
+    where = "stages.contrast.filter.check"
+    if isinstance(c.filter.check, dict):
+        try:
+            parse_check(c.filter.check, where)
+        except ConfigError as exc:
+            fail(exc.message, exc.field or where)
+    elif c.filter.check not in (None, "principle"):
+        fail("must be a check (a mapping of rules), 'principle' or null", where)
+    if cfg.stages.judge is not None and cfg.stages.judge.extra_models:
+        fail("the contrast filter takes one judge model", "stages.judge.extra_models")
+    constitution = load_constitution(cfg.constitution_ref())
+    if not constitution.contrast_principles:
+        fail(f"constitution '{constitution.name}' has no principle with a contrast pair",
+             "stages.contrast")  # fmt: skip
 
 
 def _check_post(cfg: PipelineConfig, raw: LineDict, f: str) -> None:
@@ -361,7 +405,11 @@ def _check_data_step(cfg: PipelineConfig, p: PlannedStep, node: LineDict, raw: L
         cfg,
         prompts=s.prompts or cfg.prompts,
         stages=StagesConfig(
-            critique_revise=s.critique_revise, sample=s.sample, judge=s.judge, export=s.export
+            critique_revise=s.critique_revise,
+            sample=s.sample,
+            contrast=s.contrast,
+            judge=s.judge,
+            export=s.export,
         ),
         steps=[],
     )

@@ -38,6 +38,7 @@ KEYS = {
         "model",
         "critique_revise",
         "sample",
+        "contrast",
         "judge",
         "export",
         "judge_model",
@@ -100,7 +101,8 @@ class PlannedStep:
 def step_kind(step: StepConfig) -> list[str]:
     """The kinds a step's keys say it is (one, when the step is well formed)."""
     kinds = []
-    if step.critique_revise is not None or step.sample is not None or step.judge is not None:
+    data = (step.critique_revise, step.sample, step.contrast, step.judge)
+    if any(section is not None for section in data):
         kinds.append("data")
     if step.trainer:
         kinds.append("train")
@@ -194,8 +196,8 @@ def _plan(
         kinds = step_kind(step)
         if len(kinds) != 1:
             raise _fail(
-                "a step is one of: a data step (critique_revise / sample / judge), a training "
-                "step (trainer), an evaluation (eval) or a block (rounds + steps)"
+                "a step is one of: a data step (critique_revise / sample / contrast / judge), a "
+                "training step (trainer), an evaluation (eval) or a block (rounds + steps)"
                 + (f"; this one sets keys of {' and '.join(kinds)}" if kinds else ""),
                 at,
             )
@@ -287,7 +289,9 @@ def _plan_samples_from(p: PlannedStep, local: dict[str, str], scope: _Scope) -> 
     src = scope.find(s.samples_from or "", local, at)
     if src.kind != "data" or src.step.sample is None:
         raise _fail(f"'{s.samples_from}' is not a data step with a sample section", at)
-    extra = [k for k in ("critique_revise", "sample", "prompts", "model") if getattr(s, k)]
+    extra = [
+        k for k in ("critique_revise", "sample", "contrast", "prompts", "model") if getattr(s, k)
+    ]
     if extra:
         raise _fail(f"a step with samples_from takes its {extra[0]} from '{s.samples_from}': "
                     f"remove it here", at)  # fmt: skip
@@ -352,7 +356,7 @@ def _dataset(trainer: str, kind: str, src: PlannedStep, at: str) -> str:
     has = {
         "sft": d.critique_revise is not None and d.export.sft,
         "pairs": d.critique_revise is not None and d.export.pairs,
-        "preferences": d.judge is not None,
+        "preferences": d.judge is not None or d.contrast is not None,
     }
     if kind == "auto":
         kind = "sft" if trainer == "sft" else "preferences" if has["preferences"] else "pairs"
@@ -364,7 +368,7 @@ def _dataset(trainer: str, kind: str, src: PlannedStep, at: str) -> str:
         need = {
             "sft": "critique_revise with export.sft: true",
             "pairs": "critique_revise with export.pairs: true",
-            "preferences": "a judge section",
+            "preferences": "a judge or contrast section",
         }[kind]
         raise _fail(f"step '{src.name}' exports no {kind}: it needs {need}", at)
     return kind

@@ -27,6 +27,8 @@ from rlaif.export.card import scrub
 from rlaif.export.filters import PreferenceExportConfig
 from rlaif.export.preferences import export_preferences
 from rlaif.export.sl_cai import export_sl_cai
+from rlaif.pipeline.calibration import calibrate_judges
+from rlaif.pipeline.contrast import contrast_and_export
 from rlaif.pipeline.judges import judge_kind
 from rlaif.pipeline.post import PostResult, run_post
 from rlaif.pipeline.rl_cai import PairToJudge, judge_wave, sample_wave, select_pairs
@@ -196,7 +198,9 @@ def run_pipeline(
             samples = _sample(run, base) if cfg.stages.sample else None
             if traces is not None:
                 exports.update(export_sl_cai(run_dir, traces, cfg.stages.export, base))
-            if cfg.stages.judge is not None:
+            if cfg.stages.contrast is not None:  # RLCD: pairs by construction, judge filters
+                exports["preferences"] = contrast_and_export(run, base)
+            elif cfg.stages.judge is not None:
                 if caller not in judge_callers:
                     # the policy's work is done: free it before a judge model loads (an idle
                     # vLLM engine keeps part of a core busy)
@@ -355,6 +359,7 @@ def _judge_and_export(
             PairToJudge(pid, prompts[pid], texts[i], texts[j], "samples", i, j, labels[pid])
             for i, j in ij
         ]
+    calibration = calibrate_judges(run, pairs, jcfg, kind)  # configs[n]: judge n's prior removed
     per_model = []
     for n, jc in enumerate(run.judge_callers):
         name = "judge" if n == 0 else f"judge-{n + 1}"
@@ -367,7 +372,7 @@ def _judge_and_export(
                 judged.update(
                     judge_wave(
                         pairs[start : start + WAVE],
-                        jcfg,
+                        calibration.configs[n],
                         run.constitution,
                         run.book,
                         cfg.system,
@@ -381,6 +386,7 @@ def _judge_and_export(
         per_model.append(
             {(r["source"], r["prompt_id"], r["i"], r["j"]): r for r in judged.values()}
         )
+    provenance = {**run.provenance(), **calibration.record(per_model, manifest)}
     by_pair = per_model[0]
     if len(per_model) > 1:  # several judge models: average their verdicts per pair
         by_pair = {
@@ -437,4 +443,4 @@ def _judge_and_export(
             for pid, why in none.items()
         ]
     settings = PreferenceExportConfig.from_section(cfg.stages.export.preferences)
-    return export_preferences(records, run.run_dir, settings, run.provenance(), manifest)
+    return export_preferences(records, run.run_dir, settings, provenance, manifest)

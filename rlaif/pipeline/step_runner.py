@@ -205,8 +205,9 @@ def data_config(state: _Steps, p: PlannedStep) -> PipelineConfig:
     if p.judge_model is not None:
         origin["judge"] = state.origin(p.judge_model)
     stages = StagesConfig(
-        critique_revise=s.critique_revise, sample=s.sample, judge=judge, export=s.export
-    )
+        critique_revise=s.critique_revise, sample=s.sample, contrast=s.contrast, judge=judge,
+        export=s.export,
+    )  # fmt: skip
     return dataclasses.replace(
         cfg,
         name=f"{cfg.name}/{p.name}",

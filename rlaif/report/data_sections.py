@@ -307,6 +307,36 @@ def margins(
     return _join(parts), True
 
 
+def contrast(manifest: dict[str, Any] | None, run_dir: Path) -> Body:
+    """RLCD: how far the positive and negative responses differ, overall and per principle."""
+    c = ((manifest or {}).get("info") or {}).get("contrast")
+    if not c:
+        return H.not_run("no contrast stage (stages.contrast)"), False
+    measures = [m for m in ("refusal_rate", "mean_words", "check_pass_rate")
+                if (c.get("positive") or {}).get(m) is not None]  # fmt: skip
+
+    def row(name: str, b: dict[str, Any]) -> list[Any]:
+        sides = [H.num((b.get(s) or {}).get(m)) for m in measures for s in ("positive", "negative")]
+        return [name, b.get("pairs"), b.get("kept"), b.get("identical"), *sides]
+
+    heads = [f"{m.replace('_', ' ')} {s[:3]}" for m in measures for s in ("positive", "negative")]
+    groups = [("all", c), *sorted((c.get("by_principle") or {}).items())]
+    parts = [
+        H.kv([("placement", c.get("placement")), ("generation failed", c.get("failed"))]),
+        H.table(["principle", "pairs", "kept", "identical", *heads],
+                [row(n, b) for n, b in groups]),
+    ]  # fmt: skip
+    j = c.get("judge")
+    if j:
+        parts.append(H.p(f"Filter judge: prefers the positive response in {j['prefers_positive']}"
+                         f" of {j['pairs']} pairs, the negative in {j['prefers_negative']}; mean "
+                         f"P(positive better) {H.num(j['mean_p_positive'])}."))  # fmt: skip
+    png = run_dir / "export" / "preferences" / "contrast.png"
+    if png.is_file():
+        parts.append(H.img(figures.png_uri(png.read_bytes()), "positive vs negative responses"))
+    return _join(parts), True
+
+
 def examples(run_dir: Path, stages: list[str], rows: list[dict[str, Any]]) -> Body:
     """A few kept preference rows and critique-and-revise traces, as text."""
     parts = []

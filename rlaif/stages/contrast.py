@@ -1,0 +1,193 @@
+"""RLCD contrast pairs: both responses from the same prompt, under opposite instructions.
+
+RLCD (Yang et al., arXiv 2307.12950) asks the policy for a response under a principle's
+positive instruction and another under its negative one, and labels the positive response
+chosen by construction: no judge decides the label, so a judge at chance cannot spoil it. The
+exported prompt is the plain prompt, so training distils the contrast into the model.
+
+Where the instruction goes (``placement``):
+
+* ``assistant`` (the paper): the affix opens the final assistant turn, which the model then
+  continues (``Assistant (harmless, helpful response):`` in the paper's plain-text format; in
+  chat format the final message is an assistant message holding the affix, and backends
+  continue it); every earlier assistant turn of the conversation opens with the *opposite*
+  affix, as in the paper's script.
+* ``system``: a system message asks for the affix's kind of response (the ``rlcd_sys``
+  variant); the pipeline's own system prompt, if any, comes first.
+
+Pure functions; :mod:`rlaif.pipeline.contrast` owns model calls, records and the export.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from statistics import fmean
+from typing import Any
+
+from rlaif.backends.base import Conversation
+from rlaif.constitution import Check, Constitution, Principle, run_check
+from rlaif.errors import ConfigError
+from rlaif.refusal import is_refusal
+from rlaif.stages.judge import Verdict
+from rlaif.store import content_hash
+
+PLACEMENTS = ("assistant", "system")
+SIDES = ("positive", "negative")
+
+
+def contrast_principle(constitution: Constitution, seed: int, prompt_id: str) -> Principle:
+    """The principle whose contrast pair one prompt gets: one draw by weight, seeded by (seed,
+    prompt), so it does not depend on batch order or on the other prompts of the run.
+
+    Raises:
+        ConfigError: the constitution has no principle with a ``contrast`` pair.
+    """
+    pool = constitution.contrast_principles
+    if not pool:
+        raise ConfigError(
+            f"constitution '{constitution.name}' has no principle with a contrast pair",
+            file=constitution.path, field="stages.contrast",
+        )  # fmt: skip
+    rng = random.Random(int(content_hash(["contrast", seed, prompt_id])[:16], 16))
+    return rng.choices(list(pool), weights=[p.weight for p in pool], k=1)[0]
+
+
+def system_instruction(affix: str) -> str:
+    """The system message that asks for an affix's kind of response (``system`` placement)."""
+    kind = affix.strip()
+    if kind.startswith("(") and kind.endswith(")"):
+        kind = kind[1:-1].strip()
+    return f"Reply to the user's last message. Your reply must be this kind of reply: {kind}."
+
+
+def contrast_conversation(
+    conversation: Conversation, principle: Principle, side: str, placement: str
+) -> tuple[Conversation, str | None]:
+    """The conversation a ``side`` response is generated from, and the system text to add.
+
+    ``assistant`` placement returns the conversation with the opposite affix opening each
+    earlier assistant turn and a final assistant message holding the side's affix (continued
+    by the backend) and no system text; ``system`` placement returns the conversation
+    unchanged and the instruction for a system message.
+    """
+    if principle.contrast is None:
+        raise ConfigError(f"principle '{principle.id}' has no contrast pair", field="contrast")
+    if side not in SIDES or placement not in PLACEMENTS:
+        raise ValueError(f"side {side!r} / placement {placement!r}")
+    pair = principle.contrast.to_dict()
+    affix, opposite = pair[side], pair[SIDES[1 - SIDES.index(side)]]
+    if placement == "system":
+        return [dict(m) for m in conversation], system_instruction(affix)
+    out = [
+        {**m, "content": f"{opposite} {m['content']}"} if m.get("role") == "assistant" else dict(m)
+        for m in conversation
+    ]
+    return [*out, {"role": "assistant", "content": affix}], None
+
+
+def strip_affix(text: str, principle: Principle) -> str:
+    """A response without an affix the model echoed at its start (either side's, with the
+    colon of the paper's format)."""
+    t = text.lstrip()
+    if principle.contrast is not None:
+        for affix in (principle.contrast.positive, principle.contrast.negative):
+            if t.startswith(affix):
+                t = t[len(affix) :].lstrip(" :\n\t")
+                break
+    return t.lstrip(":").strip()
+
+
+def contrast_verdict(principle: Principle) -> Verdict:
+    """The label of a contrast pair (x = positive, y = negative): x wins by construction.
+
+    ``p_a_better`` is 1: the label does not come from a judgement with a confidence, and the
+    export clips it to the largest margin. ``mode`` ``contrast`` marks it in every record.
+    """
+    return Verdict(
+        "ok", "a", 1.0, 1.0, 1.0, True, 0, 0, None, mode="contrast",
+        principle_ids=[principle.id],
+    )  # fmt: skip
+
+
+def filter_reason(
+    verdict: Verdict | None, min_p: float, checked: dict[str, Any] | None
+) -> str | None:
+    """Why a filter drops a contrast pair, or None to keep it. A judge ``verdict`` (x =
+    positive) drops it when P(positive better) < ``min_p``; a judge error keeps the
+    construction's label (the filter knows nothing then). ``checked`` is what
+    :func:`check_pair` found: drop when the rule check prefers the negative."""
+    if checked is not None and checked["preferred"] == "negative":
+        return "rule check prefers the negative response"
+    p = verdict.p_a_better if verdict is not None and verdict.status == "ok" else None
+    if p is not None and p < min_p:
+        return f"judge prefers the negative response (p = {p:.3f} < {min_p})"
+    return None
+
+
+def check_pair(check: Check, positive: str, negative: str, label: str | None) -> dict[str, Any]:
+    """A rule check on both responses: each one's score and which one it prefers (``positive``,
+    ``negative``, or None when equal, not applicable or failed to run)."""
+    rp, rn = run_check(check, positive, label), run_check(check, negative, label)
+    preferred = None
+    ran = not (rp.error or rn.error) and rp.score is not None and rn.score is not None
+    if ran and rp.score != rn.score:
+        preferred = "positive" if rp.score > rn.score else "negative"  # type: ignore[operator]
+    return {"positive": rp.to_dict(), "negative": rn.to_dict(), "preferred": preferred}
+
+
+@dataclass(frozen=True)
+class ContrastRow:
+    """One generated pair, for :func:`contrast_stats`."""
+
+    principle_id: str
+    positive: str
+    negative: str
+    checks: dict[str, Any] | None = None  # check_pair's result, when a rule check ran
+    judge_p: float | None = None  # the filter judge's P(positive better), when it ran
+    kept: bool = True
+
+
+def contrast_stats(rows: Sequence[ContrastRow]) -> dict[str, Any]:
+    """How far the positive and negative responses differ: refusal rate, length (words),
+    identical pairs, rule-check pass rate and the judge's agreement where they ran, overall
+    and per principle."""
+
+    def side(texts: list[str]) -> dict[str, Any]:
+        return {
+            "refusal_rate": fmean(is_refusal(t) for t in texts) if texts else None,
+            "mean_words": fmean(len(t.split()) for t in texts) if texts else None,
+        }
+
+    def block(rs: Sequence[ContrastRow]) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "pairs": len(rs),
+            "kept": sum(r.kept for r in rs),
+            "identical": sum(r.positive.strip() == r.negative.strip() for r in rs),
+            "positive": side([r.positive for r in rs]),
+            "negative": side([r.negative for r in rs]),
+        }
+        checked = [r.checks for r in rs if r.checks is not None]
+        if checked:
+            for s in SIDES:
+                passed = [c[s]["passed"] for c in checked if c[s]["passed"] is not None]
+                out[s]["check_pass_rate"] = fmean(passed) if passed else None
+            prefs = [c["preferred"] for c in checked]
+            out["check_prefers"] = {s: prefs.count(s) for s in SIDES}
+        judged = [r.judge_p for r in rs if r.judge_p is not None]
+        if judged:
+            out["judge"] = {
+                "pairs": len(judged),
+                "mean_p_positive": fmean(judged),
+                "prefers_positive": sum(p > 0.5 for p in judged),
+                "prefers_negative": sum(p < 0.5 for p in judged),
+            }
+        return out
+
+    stats = block(rows)
+    by: dict[str, list[ContrastRow]] = {}
+    for r in rows:
+        by.setdefault(r.principle_id, []).append(r)
+    stats["by_principle"] = {pid: block(rs) for pid, rs in sorted(by.items())}
+    return stats
