@@ -16,21 +16,19 @@ losing or repeating work. ``contrast.json`` in the export folder and ``manifest.
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
-from typing import Any, Protocol, TextIO
+from typing import Any, Protocol
 
 from rlaif.calls.caller import GenRequest, ModelCaller
-from rlaif.config.schema import PipelineConfig
-from rlaif.constitution import Constitution, parse_check
+from rlaif.constitution import parse_check
 from rlaif.export.contrast import write_contrast
 from rlaif.export.filters import PreferenceExportConfig
 from rlaif.export.preferences import export_preferences
+from rlaif.pipeline import calibration
 from rlaif.pipeline.calibration import calibrate_judges
 from rlaif.pipeline.judges import judge_kind
 from rlaif.pipeline.rl_cai import PairToJudge, judge_wave
 from rlaif.pipeline.steps import run_gen_step
 from rlaif.progress import Progress
-from rlaif.prompts import PromptBook
 from rlaif.sources import PromptItem
 from rlaif.stages import contrast as C
 from rlaif.stages import judge as J
@@ -41,17 +39,11 @@ STAGE = "contrast"
 WAVE = 512  # prompts per wave (two requests each)
 
 
-class RunParts(Protocol):
-    """What the contrast stage needs of a run (the runner's ``_Run``)."""
+class RunParts(calibration.RunParts, Protocol):
+    """What the contrast stage needs of a run (the runner's ``_Run``) beyond the judge's."""
 
-    cfg: PipelineConfig
-    run_dir: Path
     items: list[PromptItem]
-    constitution: Constitution
-    book: PromptBook
     caller: ModelCaller
-    judge_callers: list[ModelCaller]
-    stream: TextIO
 
     def store(self, stage: str) -> StageStore: ...
 
