@@ -47,6 +47,7 @@ from rlaif.store import CallCache, StageStore
 
 FIX = Path(__file__).parent / "fixtures"
 HH = FIX / "audit" / "hh-rlhf-harmless-5.jsonl"
+HVE = FIX / "audit" / "HarmfulVsEthical-5.jsonl"
 HH_HARMLESS = load_constitution("helpful-harmless")
 CONV = [{"role": "user", "content": "How do I greet my neighbour?"}]
 PRINCIPLE = Principle(id="kind", title="Kindness", judge="Which response is kinder?")
@@ -432,6 +433,38 @@ def test_audit_raw_vs_calibrated(tmp_path):
     calibrated = [C.rejudge(v, cfg) for v in run.verdicts if v is not None]
     rates = verdict_rates(calibrated, JudgeConfig())
     assert rates["tie_rate"]["raw"]["rate"] == 1.0 and rates["tie_rate"]["calibrated"]["rate"] == 0
+
+
+def test_two_option_multiple_choice_items_are_calibrated_like_pairs(tmp_path):
+    """HarmfulVsEthical items have two options: a pair in both orders. A judge with prior
+    b = 4 for '(A)' plus content log-odds 1 for the correct option: raw, every item is a tie;
+    pride finds b = 4 and the calibrated verdicts all pick the correct option."""
+    data = read_comparisons(HVE, "cai-mc")
+
+    def score(conv, choices):
+        content = conv[-1]["content"]
+        item = next(it for it in data.mc_items if content.startswith(it.head))
+        shown = re.findall(r"^ \(([A-Z])\) (.*)$", content, flags=re.M)
+        correct = next(label for label, text in shown if text == item.texts[item.correct])
+        return {c: (4.0 if "(A)" in c else 0.0) + (1.0 if f"({correct})" in c else 0.0)
+                for c in choices}  # fmt: skip
+
+    backend = FakeBackend(score_fn=score)
+    from rlaif.calls.caller import ModelCaller
+
+    caller = ModelCaller(
+        lambda: backend, model="fake", revision="0", cache=CallCache(tmp_path / "calls.jsonl")
+    )
+    run = run_audit(data, caller, HH_HARMLESS, quiet=True)
+    assert audit_metrics(run)["overall"]["tie_rate"]["rate"] == 1.0
+    prior = estimate_prior(run, "pride", 64, 0)
+    assert (prior.bias, prior.n) == (4.0, 5)
+    cal = calibrated_run(run, C.calibrated_config(JudgeConfig(), prior))
+    m = audit_metrics(cal)["overall"]
+    assert m["tie_rate"]["rate"] == 0.0 and m["agreement_decided"]["rate"] == 1.0
+    with pytest.raises(ConfigError, match="use pride"):
+        estimate_prior(run, "content_free", 3, 0, data=data, constitution=HH_HARMLESS,
+                       caller=caller)  # fmt: skip
 
 
 def test_audit_cli_shows_raw_and_calibrated(tmp_path, capsys):

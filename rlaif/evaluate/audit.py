@@ -269,18 +269,19 @@ def run_audit(
         ensembles.append(
             from_verdict(v, pair.id, pair.source, "pair", "ensemble", pair.chosen, pair.rejected)
         )
-    mc_rows = []
+    mc_rows, mc_verdicts = [], []
     for k, item in enumerate(data.mc_items):
-        mc_judgements, row = _mc_judge(item, mc_results[2 * k : 2 * k + 2], cfg, caller.model)
-        judgements.extend(mc_judgements)
-        ensembles.extend(mc_judgements)
+        mc_js, row, vs = _mc_judge(item, mc_results[2 * k : 2 * k + 2], cfg, caller.model)
+        judgements.extend(mc_js)
+        ensembles.extend(mc_js)
         mc_rows.append(row)
+        # two options: a pair in both orders, whose option prior calibration can remove
+        mc_verdicts += vs if len(item.texts) == 2 else [None] * len(vs)
     judged = {pid for _, pid in tasks}
     used = [p for p in by_id if p in judged] + ([MC_PRINCIPLE] if data.mc_items else [])
     behind: list[Verdict | None] = [verdicts[(pair.id, pid)] for pair, pid in tasks]
-    mc_none: list[Verdict | None] = [None] * (len(judgements) - len(tasks))
-    return AuditRun(judgements, ensembles, mc_rows, used, behind + mc_none,
-                    [*ensemble_verdicts, *mc_none])  # fmt: skip
+    return AuditRun(judgements, ensembles, mc_rows, used, behind + mc_verdicts,
+                    [*ensemble_verdicts, *mc_verdicts])  # fmt: skip
 
 
 # -- multiple choice --------------------------------------------------------------------------
@@ -294,11 +295,13 @@ def _mc_orders(item: MCItem) -> tuple[list[int], list[int]]:
 
 def _mc_judge(
     item: MCItem, results: list, cfg: JudgeConfig, model: str
-) -> tuple[list[Judgement], dict[str, Any]]:
-    """Pairwise verdicts (correct vs each incorrect) and the MC row from the two order calls."""
+) -> tuple[list[Judgement], dict[str, Any], list[Verdict | None]]:
+    """Pairwise judgements (correct vs each incorrect), the MC row and the verdicts behind the
+    judgements, from the two order calls."""
     orders = _mc_orders(item)
     pair_cfg = dataclasses.replace(cfg, options=("A", "B"))
     correct = item.correct
+    behind: list[Verdict | None] = []
     row: dict[str, Any] = {"item_id": item.id, "source": item.source, "n_options": len(item.texts)}
     row["correct"] = correct
     out = []
@@ -319,6 +322,7 @@ def _mc_judge(
             lp2 = {"A": lp(1 - f, j), "B": lp(1 - f, correct)}
             v = verdict_from_logprobs(lp1, lp2, pair_cfg, principle_id=MC_PRINCIPLE, model=model)
         out.append(from_verdict(v, item.id, item.source, "mc", MC_PRINCIPLE, human, other))
+        behind.append(v)
     dists = [
         _option_dist(r.scores.logprobs, item.labels, o) if r.ok else None
         for r, o in zip(results, orders, strict=True)
@@ -332,7 +336,7 @@ def _mc_judge(
         row["p_correct"] = combined[correct]
     else:
         row["error"] = "; ".join(r.error for r in results if not r.ok) or "unusable option scores"
-    return out, row
+    return out, row, behind
 
 
 def _option_dist(

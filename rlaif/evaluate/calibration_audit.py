@@ -6,9 +6,12 @@ first (:mod:`rlaif.stages.calibrate`): ``pride`` from those same scored orders (
 ``content_free`` from a few requests whose responses carry no content. :func:`calibrated_run`
 judges every comparison again from the stored scores with the prior removed, and
 :func:`calibration_report` puts the two side by side (:data:`SIDE_BY_SIDE`), each rate with
-its Wilson 95 % interval. Multiple-choice items stay as they are: their prior is over all
-their labels, not two. :func:`verdict_rates` does the same for a pipeline's verdicts, which
-carry the calibrated probabilities and keep the raw ones in their orders.
+its Wilson 95 % interval. Multiple-choice items with two options (the CAI paper's
+HarmfulVsEthical) are a pair in both orders and are calibrated like pairs (``pride`` only:
+their prompts are the items' own); items with more options stay as they are, since their
+prior is over all their labels, not two. :func:`verdict_rates` does the same for a
+pipeline's verdicts, which carry the calibrated probabilities and keep the raw ones in their
+orders.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import Any
 
 from rlaif.calls.caller import ModelCaller
 from rlaif.constitution import Constitution
+from rlaif.errors import ConfigError
 from rlaif.evaluate.audit import AuditRun, Judgement, audit_metrics, from_verdict, summarize
 from rlaif.evaluate.pairs_io import AuditData
 from rlaif.prompts import PromptBook
@@ -37,13 +41,14 @@ LABEL_FREE = SIDE_BY_SIDE[:3]  # the ones that need no human label (a pipeline's
 
 
 def _judged(run: AuditRun) -> list[tuple[Judgement, Verdict]]:
-    """The single-principle AI judgements of the audit's pairs, with their verdicts."""
+    """The single-principle AI judgements of the audit's pairs and two-option items, with
+    their verdicts."""
     if len(run.verdicts) != len(run.judgements):
         raise ValueError("this audit run keeps no verdicts: judge it with run_audit")
     return [
         (j, v)
         for j, v in zip(run.judgements, run.verdicts, strict=True)
-        if v is not None and j.kind == "pair" and C.verdict_log_odds(v) is not None
+        if v is not None and j.kind in ("pair", "mc") and C.verdict_log_odds(v) is not None
     ]
 
 
@@ -79,10 +84,15 @@ def estimate_prior(
         raise ValueError(f"no estimator {method!r}")
     if data is None or constitution is None or caller is None:
         raise ValueError("content_free calibration needs the audit data, constitution and caller")
+    if not data.pairs:
+        raise ConfigError(
+            "content_free calibration needs pairs; for multiple-choice items use pride",
+            field="calibrate",
+        )
     cfg = cfg or JudgeConfig()
     conversations = {p.id: p.conversation for p in data.pairs}
     by_id = {p.id: p for p in constitution.principles}
-    items = [(conversations[i], by_id[principle[i]]) for i in chosen]
+    items = [(conversations[i], by_id[principle[i]]) for i in chosen if i in conversations]
     reqs = C.content_free_requests(book or PromptBook(), items, cfg, n)
     results = caller.score(reqs)
     return C.content_free(
@@ -92,7 +102,8 @@ def estimate_prior(
 
 def calibrated_run(run: AuditRun, cfg: JudgeConfig) -> AuditRun:
     """``run`` judged again from its stored scores under ``cfg`` (its ``option_prior``
-    removed), with no model call; multiple-choice judgements stay as they are."""
+    removed), with no model call; judgements of items with more than two options stay as
+    they are."""
     _judged(run)  # the verdicts must be there
 
     def again(js: list[Judgement], vs: list[Verdict | None]) -> list[Judgement]:
