@@ -34,6 +34,7 @@ SECTIONS = (
     ("eval", "Evaluation"),
     ("examples", "Examples"),
 )
+ONLY_WHEN_RUN = {"contrast"}  # sections of one kind of run: left out of the others' reports
 
 
 def _when(stamp: Any) -> datetime | None:
@@ -165,7 +166,8 @@ def build_report(run_dir: str | Path) -> str:
     title = f"rlaif report: {info.get('pipeline') or run.name}"
     made = datetime.now(timezone.utc).isoformat(timespec="seconds")
     subtitle = f"{run} · made {made} by rlaif {__version__}"
-    return H.page(title, subtitle, [(sid, name, *bodies[sid]) for sid, name in SECTIONS])
+    shown = [(sid, name) for sid, name in SECTIONS if sid not in ONLY_WHEN_RUN or bodies[sid][1]]
+    return H.page(title, subtitle, [(sid, name, *bodies[sid]) for sid, name in shown])
 
 
 def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
