@@ -122,14 +122,12 @@ def _generate(
     extra: dict[str, dict[str, Any]] = {}
     for item in run.items:
         for side in C.SIDES:
-            conv, instruction = C.contrast_conversation(
-                item.messages(), principles[item.id], side, stage.placement
-            )
-            system = "\n\n".join(t for t in (cfg.system, instruction) if t) or None
-            r = run.book.render("respond", conversation=conv, system=system)
             key = f"{item.id}\t{side}"
-            requests[key] = GenRequest(r.messages, params, r.template_hash)
-            extra[key] = {"side": side, "principle_id": principles[item.id].id}
+            p = principles[item.id]
+            requests[key] = C.contrast_request(
+                run.book, item.messages(), p, side, stage.placement, cfg.system, params
+            )
+            extra[key] = {"side": side, "principle_id": p.id}
     store = run.store(STAGE)
     manifest.set_expected(STAGE, len(requests))
     keys = list(requests)

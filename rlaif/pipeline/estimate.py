@@ -339,10 +339,9 @@ class _Planner:
         for item in items:
             p, texts = C.contrast_principle(self.constitution, cfg.seed, item.id), []
             for side in C.SIDES:
-                conv, note = C.contrast_conversation(item.messages(), p, side, stage.placement)
-                system = "\n\n".join(t for t in (cfg.system, note) if t) or None
-                r = self.book.render("respond", conversation=conv, system=system)
-                got = self.gen(st, m, GenRequest(r.messages, params, r.template_hash), True, 0)
+                req = C.contrast_request(self.book, item.messages(), p, side, stage.placement,
+                                         cfg.system, params)  # fmt: skip
+                got = self.gen(st, m, req, True, 0)
                 texts.append(C.strip_affix(cai.clean(got[0]), p) if isinstance(got, list) else None)
             missing = sum(stage.generation.max_new_tokens for t in texts if t is None)
             pairs.append((item.id, item.messages(), *texts, "contrast", 0, 1, missing))

@@ -26,9 +26,11 @@ from dataclasses import dataclass
 from statistics import fmean
 from typing import Any
 
-from rlaif.backends.base import Conversation
+from rlaif.backends.base import Conversation, SamplingParams
+from rlaif.calls.caller import GenRequest
 from rlaif.constitution import Check, Constitution, Principle, run_check
 from rlaif.errors import ConfigError
+from rlaif.prompts import PromptBook
 from rlaif.refusal import is_refusal
 from rlaif.stages.judge import Verdict
 from rlaif.store import content_hash
@@ -85,6 +87,23 @@ def contrast_conversation(
         for m in conversation
     ]
     return [*out, {"role": "assistant", "content": affix}], None
+
+
+def contrast_request(
+    book: PromptBook,
+    conversation: Conversation,
+    principle: Principle,
+    side: str,
+    placement: str,
+    system: str | None,
+    params: SamplingParams,
+) -> GenRequest:
+    """The generation request of one side: :func:`contrast_conversation` through the
+    ``respond`` template, the pipeline's ``system`` prompt first when it has one."""
+    conv, instruction = contrast_conversation(conversation, principle, side, placement)
+    joined = "\n\n".join(t for t in (system, instruction) if t) or None
+    r = book.render("respond", conversation=conv, system=joined)
+    return GenRequest(r.messages, params, r.template_hash)
 
 
 def strip_affix(text: str, principle: Principle) -> str:
