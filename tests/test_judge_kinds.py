@@ -332,8 +332,11 @@ def test_label_noise_pipelines_plan_and_their_reference_errors(tmp_path):
         for arm in ("oracle", "ai", "flip-25", "flip-50"):
             assert plan[arm].samples_from == "candidates"
             assert plan[arm].step.sample == plan["candidates"].step.sample
-            assert (plan[f"dpo-{arm}"].model, plan[f"dpo-{arm}"].eval_data) == ("base", "oracle")
-        assert plan["rm-ai"].data == "ai" and plan["rm-ai"].eval_data == "oracle"
+            dpo = plan[f"dpo-{arm}"]
+            assert (dpo.model, dpo.eval_data) == ("base", "heldout-oracle")
+        assert plan["rm-ai"].data == "ai" and plan["rm-ai"].eval_data == "heldout-oracle"
+        # the held-out oracle labels the held-out prompts' own samples, not the training ones
+        assert plan["heldout-oracle"].samples_from == "heldout"
         assert plan["grpo-rule"].reward is None and plan["grpo-rule"].data is None
     (tmp_path / "prompts.jsonl").write_text('{"prompt": "hi"}\n', encoding="utf-8")
     head = (
