@@ -30,14 +30,25 @@ class ModelConfig:
 
 @dataclass
 class PromptSourceConfig:
+    """Where the prompts come from: ``path`` (a local file or folder) or ``dataset`` (a
+    Hugging Face Hub dataset by name, or a local folder laid out as one, read through
+    ``datasets.load_dataset``; see :mod:`rlaif.sources.hub`)."""
+
     path: str = ""
     format: str = "auto"  # auto | jsonl | csv | parquet | disk
     field: str = "prompt"  # column holding the prompt: text, messages, or an HH transcript
     id_field: str | None = None
-    split: str | None = None  # for a DatasetDict saved with save_to_disk
+    split: str | None = None  # a dataset's split, or a DatasetDict saved with save_to_disk
     limit: int | None = None
     offset: int = 0
     label_field: str | None = None  # a column of labels (harmful, safe, ...) for rule checks
+    dataset: str | None = None  # "Anthropic/hh-rlhf", or a folder that is a dataset repo
+    config: str | None = None  # the dataset's subset (its config name)
+    revision: str | None = None  # a Hub branch, tag or commit; the resolved sha is recorded
+    # globs of data files: a list, or {split: globs}; inside the dataset, or (alone) relative
+    # to the pipeline file
+    data_files: Any = None
+    streaming: bool = False  # iterate the data files instead of caching the whole set first
 
 
 @dataclass
