@@ -11,10 +11,12 @@ import dataclasses
 import importlib
 import importlib.util
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 from rlaif.config.binder import load_config
 from rlaif.errors import ConfigError
+from rlaif.train.trackers import check_trackers
 
 # A training YAML reads like any other config (``1e-5`` is a number in a float field, an
 # empty file is all defaults, ``check()`` errors get the field's line).
@@ -62,6 +64,14 @@ class BaseTrainConfig:
         test_size: share held out when the data has no test split (0 keeps all).
         lora: LoRA settings (off: full fine-tuning).
         quiet: print no progress lines.
+        checkpoint_every: save a checkpoint every this many optimizer steps (0: never); a
+            killed run started again with the same settings and ``output`` resumes from its
+            last complete checkpoint (see :mod:`rlaif.train.checkpoints`).
+        keep_checkpoints: complete checkpoints kept on disk (older ones are removed); all go
+            once the final model is saved.
+        report_to: trackers that get the metrics too, beside ``curves.jsonl``:
+            ``tensorboard`` (event files in ``<output>/tensorboard``), ``trackio``, ``wandb``.
+            Their keys and tokens come from the environment only (``WANDB_API_KEY``, ...).
         trl: extra fields of the TRL config, passed through as they are.
     """
 
@@ -81,6 +91,9 @@ class BaseTrainConfig:
     test_size: float = 0.1
     lora: LoraSettings = field(default_factory=LoraSettings)
     quiet: bool = False
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 2
+    report_to: list[str] = field(default_factory=list)
     trl: dict[str, Any] = field(default_factory=dict)
 
     # "module:Class" of the TRL config that ``trl:`` extras go to; set by each recipe.
@@ -102,11 +115,14 @@ class BaseTrainConfig:
             ("test_size", 0 <= self.test_size < 1, "must be in [0, 1)"),
             ("lora.r", self.lora.r >= 1, "must be >= 1"),
             ("lora.dropout", 0 <= self.lora.dropout < 1, "must be in [0, 1)"),
+            ("checkpoint_every", self.checkpoint_every >= 0, "must be >= 0 (0: no checkpoints)"),
+            ("keep_checkpoints", self.keep_checkpoints >= 1, "must be >= 1"),
         ]
         for name, ok, why in rules:
             if not ok:
                 raise ConfigError(why, field=name)
         use_cpu(self.device)
+        check_trackers(self.report_to)
         module, _, name = (self.trl_config or "").partition(":")
         # Without TRL installed the recipe stops at require_trl() with the install command.
         if self.trl and module and importlib.util.find_spec(module) is not None:
@@ -117,9 +133,19 @@ class BaseTrainConfig:
                     raise ConfigError(f"unknown {name} field '{key}'", field=f"trl.{key}")
 
     def training_kwargs(self) -> dict[str, Any]:
-        """The TrainingArguments fields these settings map to (see :func:`trl_args`)."""
+        """The TrainingArguments fields these settings map to (see :func:`trl_args`).
+
+        transformers writes its checkpoints under ``<output>/checkpoints`` (renamed into place
+        by :func:`rlaif.train.checkpoints.trl_checkpoints`, which also prunes them).
+        """
+        every = self.checkpoint_every
         return {
-            "output_dir": str(self.output),
+            "output_dir": str(Path(self.output) / "checkpoints"),
+            "save_strategy": "steps" if every else "no",
+            "save_steps": every or 500,
+            "save_total_limit": None,
+            # TensorBoard gets rlaif's own writer (rlaif.train.trackers.trl_trackers)
+            "report_to": [n for n in self.report_to if n != "tensorboard"],
             "seed": self.seed,
             "data_seed": self.seed,
             "use_cpu": use_cpu(self.device),

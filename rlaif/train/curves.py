@@ -244,26 +244,27 @@ def quiet_bars() -> Iterator[None]:
 _SECRET = re.compile(r"(^|_)(api_?key|token|secret|password|authorization)$", re.IGNORECASE)
 
 
+def redacted(v: Any) -> Any:
+    """``v`` ready for JSON and for trackers: NaN / inf become None, paths text, and values of
+    keys that look like credentials ``<redacted>`` (backend options may carry an API key)."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {
+            str(k): "<redacted>" if _SECRET.search(str(k)) and v[k] else redacted(x)
+            for k, x in v.items()
+        }
+    if isinstance(v, (list, tuple)):
+        return [redacted(x) for x in v]
+    if isinstance(v, Path):
+        return str(v)
+    return v
+
+
 def write_metrics(out_dir: str | Path, metrics: dict[str, Any]) -> Path:
     """Write ``metrics.json`` (sorted keys; NaN / inf become null; values of keys that look
     like credentials are redacted) and return its path."""
-
-    def clean(v: Any) -> Any:
-        if isinstance(v, float) and not math.isfinite(v):
-            return None
-        if isinstance(v, dict):
-            # Backend options may carry an API key: keep the key, never the value.
-            return {
-                str(k): "<redacted>" if _SECRET.search(str(k)) and v[k] else clean(x)
-                for k, x in v.items()
-            }
-        if isinstance(v, (list, tuple)):
-            return [clean(x) for x in v]
-        if isinstance(v, Path):
-            return str(v)
-        return v
-
     path = Path(out_dir) / "metrics.json"
     if not is_main_process():
         return path
-    return write_json_atomic(path, clean(metrics), indent=1, sort_keys=True)
+    return write_json_atomic(path, redacted(metrics), indent=1, sort_keys=True)

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from rlaif.errors import ConfigError, DataError, ModelError
+from rlaif.train.checkpoints import fit, prepare
 from rlaif.train.common import (
     TrainResult,
     peft_config,
@@ -34,7 +35,7 @@ from rlaif.train.common import (
     trl_args,
 )
 from rlaif.train.config import BaseTrainConfig
-from rlaif.train.curves import CurveLogger, quiet_bars, watch, write_metrics
+from rlaif.train.curves import quiet_bars, watch, write_metrics
 from rlaif.train.data import held_out_from, load_preferences
 
 # TRL 1.16's DPOConfig.loss_type values.
@@ -139,7 +140,8 @@ def _train_dpo(cfg: DPOTrainConfig) -> TrainResult:
 
     path = resolve_model_path(cfg.model, cfg.revision, cfg.trust_remote_code)
     out = Path(cfg.output)
-    curves = CurveLogger(out, fresh=True)
+    resume = prepare(out, cfg)  # the last complete checkpoint of these settings, if any
+    curves = resume.curves()
     set_cpu_threads(cfg.device)
     set_seed(cfg.seed)
     tokenizer = load_tokenizer(path)
@@ -175,7 +177,7 @@ def _train_dpo(cfg: DPOTrainConfig) -> TrainResult:
     if len(trainer.train_dataset) == 0:
         raise DataError("no training pairs left after tokenizing", file=cfg.dataset)
     callback = watch(trainer, curves, "dpo", quiet=cfg.quiet)
-    output = trainer.train()
+    output = fit(trainer, resume, curves, callback, cfg.report_to)
 
     metrics: dict[str, Any] = {
         "recipe": "dpo",
@@ -186,6 +188,7 @@ def _train_dpo(cfg: DPOTrainConfig) -> TrainResult:
         # True: a frozen copy; False: the LoRA base with adapters disabled (or precomputed).
         "reference_copy": trainer.ref_model is not None,
         "steps": trainer.state.global_step,
+        "resumed_from_step": resume.step,
         "train_loss": output.training_loss,
         "last": dict(callback.last),
     }
@@ -198,4 +201,5 @@ def _train_dpo(cfg: DPOTrainConfig) -> TrainResult:
     metrics["seconds"] = round(time.perf_counter() - started, 2)
     metrics["config"] = asdict(cfg)
     write_metrics(out, metrics)
+    resume.finish()
     return TrainResult(out, metrics, curves.path)

@@ -44,6 +44,7 @@ from typing import Any
 
 from rlaif.errors import ModelError
 from rlaif.progress import Progress
+from rlaif.train.checkpoints import load_state, prepare, restore_rng, rng_state, save_state
 from rlaif.train.common import (
     TrainResult,
     peft_config,
@@ -52,11 +53,12 @@ from rlaif.train.common import (
     set_cpu_threads,
 )
 from rlaif.train.config import use_cpu
-from rlaif.train.curves import CurveLogger, quiet_bars, write_metrics
+from rlaif.train.curves import quiet_bars, redacted, write_metrics
 from rlaif.train.online import load_prompts, load_reward_model
 from rlaif.train.ppo_config import PPOConfig
 from rlaif.train.ppo_rollout import ppo_epochs, rollout
 from rlaif.train.reward_funcs import build_reward
+from rlaif.train.trackers import Tracker
 
 __all__ = ["PPOConfig", "RewardFn", "reward_model_fn", "train_ppo"]
 
@@ -202,11 +204,20 @@ def _train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None, judge_backend: Any) -
         return torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
     out = Path(cfg.output)
-    curves = CurveLogger(out, fresh=True)
-    order: list[int] = []
+    resume = prepare(out, cfg)  # the last complete checkpoint of these settings, if any
+    curves = resume.curves()
+    order: list[int] = []  # prompt indices still to come in this pass over the prompts
     history: list[dict[str, float]] = []
-    with Progress(cfg.total_steps, "ppo", unit="steps", quiet=cfg.quiet) as bar:
-        for step in range(1, cfg.total_steps + 1):
+    streams = {"sample": gen, "shuffle": shuffle_gen}
+    if resume.path is not None:
+        saved = load_state(resume, policy, optimizer)
+        restore_rng(saved["rng"], streams, rng)
+        order, history, kl_ctl.value = saved["order"], saved["history"], saved["kl_coef"]
+    tracker = Tracker(cfg.report_to, out, redacted(asdict(cfg)), resume.step)
+    saving = 0.0  # seconds spent writing checkpoints
+    bar = Progress(cfg.total_steps, "ppo", unit="steps", initial=resume.step, quiet=cfg.quiet)
+    with bar:
+        for step in range(resume.step + 1, cfg.total_steps + 1):
             t0 = time.perf_counter()
             while len(order) < cfg.batch_size:  # passes over the prompts, each reshuffled
                 order += rng.sample(range(len(prompts)), len(prompts))
@@ -251,7 +262,15 @@ def _train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None, judge_backend: Any) -
             kl_ctl.update(seq_kl, int(n))
             history.append(stats)
             curves.log(step, **stats)
+            tracker.log(step, stats)
             bar.update(1, tokens=int(ro.mask.sum()))
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                t0 = time.perf_counter()
+                state = {"rng": rng_state(streams, rng), "order": order, "history": history,
+                         "kl_coef": kl_ctl.value, "curve_rows": len(history)}  # fmt: skip
+                save_state(resume, step, policy, optimizer, state)
+                saving += time.perf_counter() - t0
+    tracker.close()
 
     save_model(lm, tokenizer, out)
     with contextlib.suppress(Exception):  # a plot is a convenience, never a failure
@@ -267,6 +286,8 @@ def _train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None, judge_backend: Any) -
         "lora": cfg.lora.enabled,
         "reference_copy": ref_lm is not None,
         "steps": len(history),
+        "resumed_from_step": resume.step,
+        "checkpoint_seconds": round(saving, 2),
         "reward_first": history[0]["reward_mean"],
         "reward_last": history[-1]["reward_mean"],
         "reward_first_steps_mean": sum(h["reward_mean"] for h in history[:k]) / k,
@@ -278,4 +299,5 @@ def _train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None, judge_backend: Any) -
     metrics["seconds"] = round(time.perf_counter() - started, 2)
     metrics["config"] = asdict(cfg)
     write_metrics(out, metrics)
+    resume.finish()
     return TrainResult(out, metrics, curves.path)

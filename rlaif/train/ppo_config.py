@@ -10,6 +10,7 @@ from rlaif.backends.resolve import DEFAULT_MODEL
 from rlaif.errors import ConfigError
 from rlaif.train.config import LoraSettings, use_cpu
 from rlaif.train.online import REWARD_KINDS, RewardSource
+from rlaif.train.trackers import check_trackers
 
 __all__ = ["PPOConfig"]
 
@@ -69,6 +70,13 @@ class PPOConfig:
         lora: train LoRA adapters instead of all weights; the reference is then the same
             network with its adapters disabled (no second copy in memory).
         quiet: print no progress lines.
+        checkpoint_every: save a checkpoint every this many steps (0: never): trainable
+            weights, optimizer, KL coefficient, RNG states, prompt order and the curve so far;
+            a killed run started again with the same settings and ``output`` resumes from its
+            last complete one (see :mod:`rlaif.train.checkpoints`).
+        keep_checkpoints: complete checkpoints kept on disk; all go once the model is saved.
+        report_to: trackers that get each step's numbers too: ``tensorboard`` (event files in
+            ``<output>/tensorboard``), ``trackio``, ``wandb``; keys from the environment only.
     """
 
     model: str = DEFAULT_MODEL
@@ -108,6 +116,9 @@ class PPOConfig:
     missing_eos_penalty: float | None = None
     lora: LoraSettings = field(default_factory=LoraSettings)
     quiet: bool = False
+    checkpoint_every: int = 10
+    keep_checkpoints: int = 2
+    report_to: list[str] = field(default_factory=list)
 
     def check(self, *, need_reward: bool = True) -> None:
         """Value checks that types alone do not catch.
@@ -143,6 +154,8 @@ class PPOConfig:
             ("horizon", self.horizon >= 1, "must be >= 1"),
             ("limit", self.limit is None or self.limit >= 1, "must be >= 1"),
             ("lora.r", self.lora.r >= 1, "must be >= 1"),
+            ("checkpoint_every", self.checkpoint_every >= 0, "must be >= 0 (0: no checkpoints)"),
+            ("keep_checkpoints", self.keep_checkpoints >= 1, "must be >= 1"),
             ("reward.kind", r.kind in REWARD_KINDS, f"must be one of {', '.join(REWARD_KINDS)}"),
             ("reward.mode", r.mode in ("logprob", "reasoning"), "must be logprob or reasoning"),
             ("reward.principles_k", r.principles_k >= 1, "must be >= 1"),
@@ -151,6 +164,7 @@ class PPOConfig:
             if not ok:
                 raise ConfigError(why, field=name)
         use_cpu(self.device)
+        check_trackers(self.report_to)
         if bool(self.dataset) == bool(self.prompts):
             raise ConfigError("set exactly one of dataset and prompts", field="dataset")
         if need_reward and r.kind == "model" and not r.model:
