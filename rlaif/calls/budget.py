@@ -19,7 +19,9 @@ Where the total lives: a budgeted run keeps it in ``cache/usage.json`` next to t
 with the cache's length at that moment; a later run adds the answers cached after that point
 (by a run with no budget, or by one killed between the two writes). A run dir with no ledger
 is counted from its cache alone (an identical request asked twice in one call is computed
-and charged once, so cache and ledger agree).
+and charged once, so cache and ledger agree). A run dir with more than one call cache (the
+evaluation of a ``stages:`` pipeline keeps its own in ``eval/cache/``) counts them all
+against the same caps; each cache keeps its own ledger.
 """
 
 from __future__ import annotations
@@ -169,25 +171,47 @@ class Budget:
 
     Args:
         cfg: the caps and prices.
-        spent: usage already recorded before this invocation.
-        cache_path: the run's call cache; the running total is kept next to it after each
+        spent: usage already recorded through ``cache_path`` before this invocation.
+        cache_path: the run's call cache; its running total is kept next to it after each
             charge (see the module docs). None keeps it in memory only.
+        elsewhere: usage of the run dir's other call caches (an evaluation has its own),
+            counted against the caps but not written to this cache's ledger.
     """
 
     def __init__(
-        self, cfg: BudgetConfig, spent: Usage | None = None, cache_path: Path | None = None
+        self,
+        cfg: BudgetConfig,
+        spent: Usage | None = None,
+        cache_path: Path | None = None,
+        elsewhere: Usage | None = None,
     ) -> None:
         self.cfg = cfg
-        self.spent = spent or Usage()
+        self.own = spent or Usage()  # through this cache: what its ledger holds
+        self.elsewhere = elsewhere or Usage()  # through the run dir's other call caches
         self.cache_path = Path(cache_path) if cache_path is not None else None
         self._blocked: tuple[str, float] | None = None
 
+    @property
+    def spent(self) -> Usage:
+        """Everything the run dir has spent: through this cache and through the others."""
+        return self.elsewhere + self.own
+
     @classmethod
-    def for_run(cls, cfg: BudgetConfig, cache_path: Path) -> Budget | None:
-        """The budget of a run whose call cache is ``cache_path``; None when no cap is set."""
+    def for_run(
+        cls, cfg: BudgetConfig, cache_path: Path, others: Sequence[Path] = ()
+    ) -> Budget | None:
+        """The budget of a run whose call cache is ``cache_path``; None when no cap is set.
+
+        Args:
+            cfg: the caps and prices.
+            cache_path: the call cache this budget charges (its ledger is kept next to it).
+            others: the run dir's other call caches (the data stages' and the evaluation's
+                count against the same caps); read, never written.
+        """
         if not cfg.active:
             return None
-        return cls(cfg, spent_in_run(cache_path), cache_path)
+        elsewhere = sum((spent_in_run(p) for p in others), Usage())
+        return cls(cfg, spent_in_run(cache_path), cache_path, elsewhere)
 
     @property
     def counts_tokens(self) -> bool:
@@ -226,16 +250,14 @@ class Budget:
 
     def charge(self, usage: Usage) -> None:
         """Add the usage of answered requests (call it after their answers are cached)."""
-        self.spent = self.spent + usage
+        self.own = self.own + usage
         if self.cache_path is None:
             return
         cache_bytes = self.cache_path.stat().st_size if self.cache_path.exists() else 0
         ledger = self.cache_path.parent / LEDGER
         # Replaced whole, never torn. Were it lost, the next run would count the answers
         # cached since the previous ledger from the cache itself.
-        write_atomic(
-            ledger, json.dumps({"usage": self.spent.to_dict(), "cache_bytes": cache_bytes})
-        )
+        write_atomic(ledger, json.dumps({"usage": self.own.to_dict(), "cache_bytes": cache_bytes}))
 
     def exceeded(self) -> BudgetExceeded:
         """The error for the cap that the last :meth:`admit` ran into."""
