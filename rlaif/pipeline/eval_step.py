@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
+from rlaif.calls.budget import Budget
 from rlaif.calls.factory import make_caller
 from rlaif.config.schema import EvalStageConfig, JudgeStageConfig, ModelConfig, PipelineConfig
 from rlaif.constitution import load_constitution
@@ -71,7 +72,7 @@ def run_stage_eval(
     baseline_id = model_identity(cfg.model.id, cfg.model.revision, {})
     return evaluate_policy(
         cfg, ev, run_dir / "eval", policy, cfg.model, baseline_id, rewards[-1] if rewards else None,
-        cfg.stages.judge, stream,
+        cfg.stages.judge, stream, budget_with=[run_dir / "cache" / "calls.jsonl"],
     )  # fmt: skip
 
 
@@ -85,6 +86,7 @@ def evaluate_policy(
     reward: StepResult | None,
     js: JudgeStageConfig | None,
     stream: TextIO,
+    budget_with: list[Path] | None = None,
 ) -> tuple[dict[str, Any], dict[str, int]]:
     """Evaluate ``policy``'s model against ``baseline_m`` into ``out``, or skip it when its
     ``done.json`` holds the same settings hash.
@@ -100,6 +102,10 @@ def evaluate_policy(
         js: the pipeline's judge section: its model judges unless ``ev.judge`` names one,
             and its tie rule decides the win rate; None: the pipeline's model, default rule.
         stream: where progress goes.
+        budget_with: the run dir's other call caches, whose usage counts against the same
+            ``budget:`` caps as the evaluation's own calls (the data stages' cache of a
+            ``stages:`` pipeline); None: the caps apply to the evaluation's folder alone, as
+            they apply to each data step's folder in the ``steps:`` form.
 
     Returns:
         The evaluation's summary (status, folder, headline rates) and its model-call counts.
@@ -152,6 +158,9 @@ def evaluate_policy(
         if key not in by_model:
             by_model[key] = make_caller(m, cfg.batch_size, cache, execution=cfg.execution)
         callers[role] = by_model[key]
+    budget = Budget.for_run(cfg.budget, cache.path, budget_with or [])  # None without caps
+    for c in by_model.values():
+        c.budget = budget
     reward_fn, reward_info = None, None
     if reward is not None:
         scores = out / "cache" / "reward.jsonl"

@@ -162,7 +162,10 @@ def run_pipeline(
                 make_caller(m, cfg.batch_size, cache, execution=cfg.execution)
                 for m in cfg.stages.judge.extra_models
             ]
-        budget = Budget.for_run(cfg.budget, cache.path)  # None without caps; covers all runs
+        # None without caps; covers all runs, and the evaluation's calls (its own cache)
+        budget = Budget.for_run(
+            cfg.budget, cache.path, [run_dir / "eval" / "cache" / "calls.jsonl"]
+        )
         for c in (caller, *judge_callers):
             c.budget = budget
         run = _Run(
