@@ -68,11 +68,11 @@ def run_command(args: argparse.Namespace) -> int:
 
     cfg = load_pipeline(find_pipeline(args.pipeline), args.overrides)
     if args.dry_run and cfg.steps:
-        from rlaif.pipeline.step_runner import estimate_steps
+        from rlaif.pipeline.estimate_steps import estimate_steps
 
         for p, est in estimate_steps(cfg, out=args.out, retry_errors=args.retry_errors):
-            print(f"step {p.name} ({p.trainer or p.kind})", end="")
-            print(":\n" + textwrap.indent(format_estimate(est), "  ") if est else ": not estimated")
+            print(f"step {p.name} ({p.trainer or p.kind}):")
+            print(textwrap.indent(format_estimate(est), "  "))
         return 0
     if args.dry_run:
         from rlaif.pipeline.estimate import estimate_pipeline
@@ -163,8 +163,23 @@ def _show_rows(pairs: list[dict], n: int) -> None:
         print("-" * 78)
 
 
+def _table(head: list[str], rows: list[list[str]], left: int = 2) -> list[str]:
+    """Fixed-width rows: the first ``left`` columns flush left, the others flush right."""
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    return [
+        "  ".join(
+            c.ljust(w) if i < left else c.rjust(w)
+            for i, (c, w) in enumerate(zip(r, widths, strict=True))
+        ).rstrip()
+        for r in [head, *rows]
+    ]
+
+
 def format_estimate(est: Estimate) -> str:
-    """The ``--dry-run`` report: one row per step, totals, notes and the budget."""
+    """The ``--dry-run`` report: one row per step that calls a model (data stages and
+    evaluation), totals, one row per training step, notes and the budget."""
+    if not est.stages and est.train:  # a training step of the steps: form
+        return "\n".join(_train_lines(est))
     state = "has earlier work, not counted again" if est.started else "not started"
     lines = [
         f"dry run of pipeline '{est.pipeline}': {est.prompts} prompts, run dir {est.run_dir} "
@@ -189,13 +204,7 @@ def format_estimate(est: Estimate) -> str:
     )
     if priced:
         head.append("max cost (USD)")
-    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
-    for r in [head, *rows]:
-        cells = [
-            c.ljust(w) if i < 2 else c.rjust(w)
-            for i, (c, w) in enumerate(zip(r, widths, strict=True))
-        ]
-        lines.append("  ".join(cells).rstrip())
+    lines += _table(head, rows)
     lines.append("")
     if bounded:
         lines.append(
@@ -206,12 +215,48 @@ def format_estimate(est: Estimate) -> str:
         "calls: requests still to send, if every request succeeds; done: answered already "
         "(free on resume); max completion tokens: max_new_tokens x n per call."
     )
-    if est.not_counted:
+    if any(s.name == "eval judge" for s in est.stages):
         lines.append(
-            f"not counted: {', '.join(est.not_counted)} (after the data stages; no budget cap)"
+            "eval judge: 2 requests per prompt whose answers differ (both orders; identical "
+            "answers are a tie without a call) + 2 per red-team answer (harm check)."
         )
+    lines += est.notes
+    if est.train:
+        lines += ["", *_train_lines(est)]
     lines += _budget_lines(est)
     return "\n".join(lines)
+
+
+def _train_lines(est: Estimate) -> list[str]:
+    """The training steps: optimizer steps, rows, tokens read, completions sampled, rewards."""
+    head = ["training", "trainer", "steps", "rows", "tokens", "completions", "reward calls"]
+    rows, basis = [], []
+    for t in est.train:
+        steps = "?" if t.steps is None else ("" if t.exact_steps else "≈ ") + f"{t.steps:,}"
+        reward = f"{t.reward_calls:,}" if t.reward_calls else "-"
+        if t.judge_requests:
+            reward += f" ({t.judge_requests:,} judge requests)"
+        rows.append([
+            t.name + (" (done)" if t.done else ""),
+            t.trainer,
+            steps,
+            "?" if t.rows is None else ("≤ " if t.rows_bound else "") + f"{t.rows:,}",
+            "?" if t.tokens is None else f"≈ {t.tokens:,}",
+            f"{t.generations:,}" if t.generations else "-",
+            reward,
+        ])  # fmt: skip
+        basis.append(f"  {t.name}: steps: {t.steps_basis}; rows: {t.rows_basis}"
+                     + (f"; reward: {t.reward}" if t.reward else ""))  # fmt: skip
+    return [
+        *_table(head, rows),
+        "",
+        *basis,
+        "steps: optimizer steps (ppo: rollout batches), exact when max_steps / total_steps "
+        "sets them; rows: training rows (pairs, chat rows or prompts); tokens: about what the "
+        "trainer reads (prompts and responses; online RL at most max_completion_length per "
+        "completion); completions: sampled by online RL, each scored once by its reward; "
+        "done: finished earlier, skipped on resume while its inputs are unchanged.",
+    ]
 
 
 def _budget_lines(est: Estimate) -> list[str]:

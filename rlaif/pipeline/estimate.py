@@ -24,15 +24,17 @@ from pathlib import Path
 from typing import Any
 
 from rlaif.calls.budget import spent_in_run
-from rlaif.calls.caller import GenRequest, max_completion_tokens, prompt_copies, request_key
+from rlaif.calls.caller import GenRequest, request_key
 from rlaif.config.schema import ModelConfig, PipelineConfig
 from rlaif.constitution import load_constitution
 from rlaif.pipeline.estimate_base import (
     FAILED,
     CountingModel,
     Estimate,
+    RowsBound,
     RunDirView,
     StageEstimate,
+    add_call,
     identify,
 )
 from rlaif.pipeline.sl_cai import step_names
@@ -44,6 +46,8 @@ from rlaif.stages import critique as cai
 from rlaif.stages import judge as J
 from rlaif.stages.pairs import candidate_pairs
 from rlaif.store import record_id
+
+SAMPLE = 1000  # rows whose lengths bound an export's mean row length
 
 
 class _Planner:
@@ -81,10 +85,7 @@ class _Planner:
         return None
 
     def add(self, st: StageEstimate, m: CountingModel, req: Any, known: bool, bound: int) -> None:
-        st.calls += 1
-        st.prompt_tokens += (m.count(req.messages) + bound) * prompt_copies(req)
-        st.completion_tokens += max_completion_tokens(req)
-        st.bounded = st.bounded or not known
+        add_call(st, m.count, req, known, bound)
 
     def sl_cai(self, items: list, out: list[StageEstimate]) -> dict[str, Any]:
         """SL-CAI steps; returns prompt id -> FAILED or (initial, final) (None = unknown)."""
@@ -208,6 +209,31 @@ class _Planner:
             ]
         return out
 
+    def bounds(self, items: list, traces: dict | None, pairs: list | None) -> dict[str, RowsBound]:
+        """The most rows of each export, and their mean tokens (:class:`RowsBound`)."""
+        count, out = self.models["policy"].count, {}
+
+        def measure(rows: list[tuple], basis: str) -> RowsBound:
+            seqs = [(count(p), [count([*p, {"role": "assistant", "content": t or ""}]) for t in ts],
+                     extra) for p, ts, extra in rows[:SAMPLE]]  # fmt: skip
+            n = max(1, len(seqs))
+            return RowsBound(len(rows), sum(sum(t) + e for _, t, e in seqs) / n,
+                             sum(p for p, _, _ in seqs) / n, basis)  # fmt: skip
+
+        cr = self.cfg.stages.critique_revise
+        if traces is not None and cr is not None:
+            ok = [(it.messages(), traces[it.id]) for it in items if traces.get(it.id) is not FAILED]
+            rev, resp = cr.revise.max_new_tokens, cr.respond.max_new_tokens
+            basis = "≤ one row per prompt whose critique-revise chain succeeds"
+            out["sft"] = measure([(p, [f], rev * (f is None)) for p, (_, f) in ok], basis)
+            out["pairs"] = measure(
+                [(p, [f, i], rev * (f is None) + resp * (i is None)) for p, (i, f) in ok], basis
+            )
+        if pairs is not None:
+            basis = f"≤ the data step's {len(pairs)} pairs to judge (filters and test split drop)"
+            out["preferences"] = measure([(p[1], [p[2], p[3]], p[7]) for p in pairs], basis)
+        return out
+
     def judge(
         self, pairs: list[tuple], name: str, m: CountingModel, out: list[StageEstimate]
     ) -> None:
@@ -299,14 +325,19 @@ def estimate_pipeline(
         traces = plan.sl_cai(items, est.stages) if s.critique_revise else None
         samples = plan.sample(items, est.stages) if s.sample else None
         contrast = plan.contrast(items, est.stages) if s.contrast else None
-        if s.judge is not None:
+        pairs = None
+        if s.judge is not None or contrast is not None:
             pairs = contrast if contrast is not None else plan.pairs(items, traces, samples)
+        if s.judge is not None:
             judges = [s.judge.model or cfg.model, *s.judge.extra_models]
             for n, jm in enumerate(judges):
                 plan.judge(pairs, "judge" if n == 0 else f"judge-{n + 1}", model(jm), est.stages)
+        est.exports = plan.bounds(items, traces, pairs)
     finally:
         view.close()
+    if s.train or s.eval is not None:
+        from rlaif.pipeline.estimate_post import estimate_post
+
+        estimate_post(cfg, est, items, model)
     est.counting = {m.model: m.how for m in found.values()}
-    # training and evaluation run after the data stages, with callers of their own
-    est.not_counted = [f"stages.{n}" for n in ("train", "eval") if getattr(s, n, None)]
     return est

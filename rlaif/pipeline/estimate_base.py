@@ -15,6 +15,7 @@ from typing import Any
 
 from rlaif.backends.base import Conversation
 from rlaif.calls.budget import Usage
+from rlaif.calls.caller import max_completion_tokens, prompt_copies
 from rlaif.config.schema import BudgetConfig, ModelConfig
 from rlaif.store import StageStore
 from rlaif.store.jsonl import JsonlReader, decode_line, read_line_at
@@ -56,9 +57,43 @@ class StageEstimate:
         return dict(self.__dict__)
 
 
+def add_call(st: StageEstimate, count: Callable[[Conversation], int], req: Any, known: bool,
+             bound: int) -> None:  # fmt: skip
+    """Count one request still to send: its prompt (plus ``bound`` tokens standing for model
+    outputs missing from it when not ``known``) and the most it may generate."""
+    st.calls += 1
+    st.prompt_tokens += (count(req.messages) + bound) * prompt_copies(req)
+    st.completion_tokens += max_completion_tokens(req)
+    st.bounded = st.bounded or not known
+
+
+@dataclass
+class RowsBound:
+    """The most rows an export of a data step not finished yet will have, and their mean
+    length in tokens (a model output not made yet counted at its ``max_new_tokens``).
+
+    Attributes:
+        rows: at most this many rows (filters and test splits only remove rows).
+        tokens_per_row: prompt and response(s) of a row (a pair: both sequences).
+        prompt_tokens: the prompt alone.
+        basis: where the bound comes from, for the report.
+    """
+
+    rows: int
+    tokens_per_row: float
+    prompt_tokens: float
+    basis: str
+
+
 @dataclass
 class Estimate:
-    """What a run of a pipeline still needs, per step, and what its run dir has spent."""
+    """What a run of a pipeline still needs, per step, and what its run dir has spent.
+
+    ``stages`` are the model calls of the data stages and of the evaluation (``eval ...``
+    rows); ``train`` the training steps (:class:`rlaif.pipeline.estimate_train.TrainEstimate`);
+    ``exports`` bound the rows each export of the data stages will have; ``notes`` say what
+    runs besides the counted calls.
+    """
 
     pipeline: str
     run_dir: Path
@@ -68,7 +103,9 @@ class Estimate:
     counting: dict[str, str] = field(default_factory=dict)  # model -> how tokens are counted
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     spent: Usage = field(default_factory=Usage)  # already used by this run dir (call cache)
-    not_counted: list[str] = field(default_factory=list)  # stages with no estimate here
+    train: list[Any] = field(default_factory=list)  # TrainEstimate per training step
+    exports: dict[str, RowsBound] = field(default_factory=dict)  # sft / pairs / preferences
+    notes: list[str] = field(default_factory=list)
 
     @property
     def total(self) -> Usage:
@@ -89,7 +126,8 @@ class Estimate:
             "done": self.done,
             "counting": dict(self.counting),
             "spent": self.spent.to_dict(),
-            "not_counted": list(self.not_counted),
+            "train": [t.to_dict() for t in self.train],
+            "notes": list(self.notes),
         }
 
 

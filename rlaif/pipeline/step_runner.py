@@ -289,7 +289,9 @@ def _data_step(state: _Steps, p: PlannedStep) -> StepOutcome:
     return dataclasses.replace(base, status="ran", seconds=seconds, numbers=numbers)
 
 
-def _train_step(state: _Steps, p: PlannedStep) -> StepOutcome:
+def train_config(state: _Steps, p: PlannedStep) -> Any:
+    """A training step's config: the pipeline's wiring of its model, data and reward, then
+    its own file and ``set`` (:func:`rlaif.pipeline.train_steps.build_config`)."""
     cfg, s = state.cfg, p.step
     start = state.model(p.model)
     wired = wire(
@@ -306,7 +308,11 @@ def _train_step(state: _Steps, p: PlannedStep) -> StepOutcome:
         labelled=cfg.prompts.label_field is not None,
         eval_dataset=data_path(state.folder(p.eval_data), "preferences") if p.eval_data else None,
     )
-    tcfg = build_config(cfg, p.trainer, s.config, wired, s.set)
+    return build_config(cfg, p.trainer, s.config, wired, s.set)
+
+
+def _train_step(state: _Steps, p: PlannedStep) -> StepOutcome:
+    tcfg = train_config(state, p)
     r = run_training(
         p.name, p.trainer, tcfg, state.folder(p.name), state.run_dir, state.upstream,
         state.stream, p.at,
@@ -318,19 +324,31 @@ def _train_step(state: _Steps, p: PlannedStep) -> StepOutcome:
                        p.trainer, p.model, r.seconds, clean(numbers))  # fmt: skip
 
 
+def eval_judge(state: _Steps, plan: list[PlannedStep], p: PlannedStep) -> JudgeStageConfig | None:
+    """The judge section of an eval step: the newest data step's before it, with its model
+    (the eval's own ``judge`` model, when it names one, replaces that model)."""
+    judged = [q for q in plan[: plan.index(p)] if q.kind == "data" and q.step.judge is not None]
+    if not judged:
+        return None
+    q = judged[-1]
+    js = dataclasses.replace(q.step.judge)  # type: ignore[type-var]
+    if q.judge_model is not None:
+        js.model = state.model(q.judge_model)
+    return js
+
+
+def eval_reward(plan: list[PlannedStep], p: PlannedStep) -> PlannedStep | None:
+    """The reward step whose model scores an eval step's answers, or None."""
+    rewards = [q for q in plan[: plan.index(p)] if q.kind == "train" and q.trainer == "reward"]
+    return rewards[-1] if rewards and p.step.eval and p.step.eval.reward_model else None
+
+
 def _eval_step(state: _Steps, plan: list[PlannedStep], p: PlannedStep) -> StepOutcome:
     cfg, ev = state.cfg, p.step.eval
     assert ev is not None
-    before = plan[: plan.index(p)]
-    rewards = [q for q in before if q.kind == "train" and q.trainer == "reward"]
-    judged = [q for q in before if q.kind == "data" and q.step.judge is not None]
-    js = None
-    if judged:  # the newest judge's tie rule and model, unless eval.judge names one
-        q = judged[-1]
-        js = dataclasses.replace(q.step.judge)  # type: ignore[type-var]
-        if q.judge_model is not None:
-            js.model = state.model(q.judge_model)
-    reward = state.trained[rewards[-1].name] if rewards and ev.reward_model else None
+    js = eval_judge(state, plan, p)
+    scorer = eval_reward(plan, p)
+    reward = state.trained[scorer.name] if scorer else None
     summary, stats = evaluate_policy(
         cfg,
         ev,
@@ -350,39 +368,3 @@ def _eval_step(state: _Steps, plan: list[PlannedStep], p: PlannedStep) -> StepOu
         p.block, model=p.model, seconds=float(summary.get("seconds") or 0.0),
         numbers=summary.get("headline") or {},
     )  # fmt: skip
-
-
-class _Estimating(_Steps):
-    """For ``--dry-run``: a model no finished step has made yet is counted as the base model
-    (same tokenizer, same request count, same token bounds)."""
-
-    def model(self, ref: str) -> ModelConfig:
-        if ref != "base" and read_done(self.folder(ref)) is None:
-            return self.cfg.model
-        return super().model(ref)
-
-    def origin(self, ref: str) -> dict[str, Any] | None:
-        return None
-
-
-def estimate_steps(
-    cfg: PipelineConfig, *, out: str | Path | None = None, retry_errors: bool = False
-) -> list[tuple[PlannedStep, Any]]:
-    """Each step of the plan with the estimate of its model calls and tokens still needed
-    (:func:`rlaif.pipeline.estimate.estimate_pipeline` of a data step; None for training and
-    evaluation steps, which the estimate does not cover)."""
-    from rlaif.pipeline.estimate import estimate_pipeline
-
-    run_dir = Path(out or cfg.output)
-    state = _Estimating(cfg, run_dir, retry_errors, sys.stderr)
-    rows: list[tuple[PlannedStep, Any]] = []
-    for p in plan_steps(cfg):
-        if p.kind != "data":
-            rows.append((p, None))
-            continue
-        sub = data_config(state, p)
-        est = estimate_pipeline(sub, out=sub.output, retry_errors=retry_errors)
-        if p.samples_from is not None:  # its samples are copied from that step, not drawn
-            est.stages = [st for st in est.stages if st.name != "sample"]
-        rows.append((p, est))
-    return rows
