@@ -26,11 +26,12 @@ from rlaif.config.schema import (
     StepConfig,
 )
 from rlaif.constitution import load_constitution, parse_check
-from rlaif.errors import ConfigError
+from rlaif.errors import ConfigError, DataError
 from rlaif.export.filters import PreferenceExportConfig
 from rlaif.pipeline.judges import check_kind
 from rlaif.pipeline.plan import KEYS, PlannedStep, plan_steps
 from rlaif.pipeline.train_steps import build_config, step_config, wire
+from rlaif.sources import check_prompt_source
 from rlaif.stages.contrast import PLACEMENTS
 from rlaif.stages.judge import judge_config, judged_by
 from rlaif.train.recipes import ONLINE_TRAINERS, POLICY_TRAINERS, TRAINERS
@@ -115,10 +116,14 @@ def _check(cfg: PipelineConfig, raw: LineDict, f: str) -> None:
         fail("must be between 0 and 2**62", "seed")
     if cfg.prompts.offset < 0:
         fail("must be 0 or more", "prompts.offset")
-    if not cfg.prompts.path:
-        fail("missing: the file or folder with the prompts", "prompts.path")
+    if not (cfg.prompts.path or cfg.prompts.dataset or cfg.prompts.data_files is not None):
+        fail("missing: the file or folder with the prompts (or prompts.dataset)", "prompts.path")
     if cfg.prompts.limit is not None and cfg.prompts.limit < 1:
         fail("must be at least 1", "prompts.limit")
+    try:  # a dataset by name: it exists, with that config and split (no model loads first)
+        check_prompt_source(cfg)
+    except DataError as exc:
+        fail(exc.message, exc.field or "prompts")
     cr = cfg.stages.critique_revise
     if cr is not None:
         if cr.rounds < 1:

@@ -1,4 +1,5 @@
-"""Prompt sources: JSONL, CSV, Parquet and ``datasets.load_from_disk`` folders.
+"""Prompt sources: JSONL, CSV, Parquet, ``datasets.load_from_disk`` folders, and datasets by
+name (a Hugging Face Hub dataset or a local folder laid out as one, :mod:`rlaif.sources.hub`).
 
 Each row becomes a :class:`PromptItem`: a stable id and a conversation that ends with a user
 turn. The prompt column may hold plain text, a list of ``{role, content}`` messages, or an
@@ -17,6 +18,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rlaif.errors import DataError
+from rlaif.sources.hub import (
+    DatasetSpec,
+    ResolvedDataset,
+    dataset_spec,
+    file_revision,
+    is_saved_dataset,
+    resolve_dataset,
+)
 from rlaif.store.hashing import content_hash
 
 if TYPE_CHECKING:
@@ -160,11 +169,28 @@ def _rows_table(path: Path, fmt: str, split: str | None) -> Iterator[tuple[int, 
 
 def detect_format(path: Path) -> str:
     if path.is_dir():
-        return "disk"
+        return "disk" if is_saved_dataset(path) else "dataset"
     suffix = path.suffix.lower()
     return {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".parquet": "parquet"}.get(
         suffix, "jsonl"
     )
+
+
+@dataclass
+class PromptSet:
+    """Prompts read from a source, the rows left out, and where they came from.
+
+    Attributes:
+        items: the prompts, in source order.
+        skipped: rows left out with a reason (duplicates), so every input is accounted for.
+        source: the source's provenance: a prompt file's ``path``, or a dataset's name,
+            config and split; and the ``revision`` read: the Hub commit, or
+            ``sha256:<hash>`` of the file or of a local folder's data files.
+    """
+
+    items: list[PromptItem]
+    skipped: list[dict[str, Any]]
+    source: dict[str, Any]
 
 
 def read_prompts(
@@ -182,17 +208,54 @@ def read_prompts(
 
     ``skipped`` lists rows left out with a reason (duplicates), so every input is accounted
     for. Malformed rows raise :class:`DataError` naming file, line and column; so does a row
-    without a ``label_field`` value, when one is named.
+    without a ``label_field`` value, when one is named. A folder that is not a
+    ``save_to_disk`` folder is read as a dataset repository (:mod:`rlaif.sources.hub`).
     """
     if not path.exists():
         raise DataError("prompt source not found", file=path, field="prompts.path")
     fmt = detect_format(path) if fmt == "auto" else fmt
+    if fmt == "dataset":
+        spec = DatasetSpec(str(path), str(path.resolve()), True, split=split)
+        found = read_dataset(resolve_dataset(spec), field=field, id_field=id_field,
+                             offset=offset, limit=limit, label_field=label_field)  # fmt: skip
+        return found.items, found.skipped
     if fmt == "jsonl":
         rows = _rows_jsonl(path)
     elif fmt == "csv":
         rows = _rows_csv(path)
     else:
         rows = _rows_table(path, fmt, split)
+    return _collect(rows, str(path), field, id_field, offset, limit, label_field)
+
+
+def read_dataset(
+    ds: ResolvedDataset,
+    *,
+    field: str = "prompt",
+    id_field: str | None = None,
+    offset: int = 0,
+    limit: int | None = None,
+    label_field: str | None = None,
+) -> PromptSet:
+    """Read prompts from a dataset (see :func:`read_prompts`); only the rows up to ``offset``
+    plus ``limit`` are read, and with ``streaming`` nothing else is loaded."""
+    columns = list(dict.fromkeys(c for c in (field, id_field, label_field) if c))
+    rows = ds.rows(offset, columns)
+    items, skipped = _collect(rows, ds.label, field, id_field, 0, limit, label_field)
+    return PromptSet(items, skipped, {**ds.provenance(), "offset": offset, "limit": limit})
+
+
+def _collect(
+    rows: Iterator[tuple[int, Any]],
+    file: str,
+    field: str,
+    id_field: str | None,
+    offset: int,
+    limit: int | None,
+    label_field: str | None,
+) -> tuple[list[PromptItem], list[dict[str, Any]]]:
+    """Rows to prompt items: the first ``offset`` rows left out, at most ``limit`` rows
+    taken (duplicates count), each row checked."""
     items: list[PromptItem] = []
     skipped: list[dict[str, Any]] = []
     seen: set[str] = set()
@@ -203,9 +266,9 @@ def read_prompts(
             continue
         if limit is not None and len(items) + len(skipped) >= limit:
             break
-        where = {"file": str(path), "line": line, "field": field}
+        where = {"file": file, "line": line, "field": field}
         if not isinstance(row, dict):
-            raise DataError("row is not an object", file=path, line=line)
+            raise DataError("row is not an object", file=file, line=line)
         if field not in row:
             cols = ", ".join(map(str, row)) or "none"
             raise DataError(f"no column '{field}' (columns: {cols}); set prompts.field", **where)
@@ -213,7 +276,7 @@ def read_prompts(
         if id_field:
             if row.get(id_field) in (None, ""):
                 raise DataError(
-                    f"empty id column '{id_field}'", file=path, line=line, field=id_field
+                    f"empty id column '{id_field}'", file=file, line=line, field=id_field
                 )
             pid = str(row[id_field])
         else:
@@ -225,21 +288,26 @@ def read_prompts(
         label = None
         if label_field:
             if row.get(label_field) in (None, ""):
-                raise DataError(f"empty label column '{label_field}'", file=path, line=line,
+                raise DataError(f"empty label column '{label_field}'", file=file, line=line,
                                 field=label_field)  # fmt: skip
             label = str(row[label_field])
         items.append(PromptItem(id=pid, conversation=conversation, row=line, label=label))
     if not items:
-        raise DataError("no prompts found", file=path, field="prompts.path")
+        raise DataError("no prompts found", file=file, field="prompts.path")
     return items, skipped
 
 
-def read_pipeline_prompts(cfg: PipelineConfig) -> tuple[list[PromptItem], list[dict[str, Any]]]:
-    """:func:`read_prompts` over a pipeline's ``prompts:`` section (its path relative to the
-    pipeline file)."""
+def read_prompt_set(cfg: PipelineConfig) -> PromptSet:
+    """The prompts of a pipeline's ``prompts:`` section (paths relative to the pipeline
+    file), with their source's provenance."""
     p = cfg.prompts
-    return read_prompts(
-        cfg.resolve_path(p.path),
+    spec = dataset_spec(p, cfg.resolve_path)
+    if spec is not None:
+        return read_dataset(resolve_dataset(spec), field=p.field, id_field=p.id_field,
+                            offset=p.offset, limit=p.limit, label_field=p.label_field)  # fmt: skip
+    path = cfg.resolve_path(p.path)
+    items, skipped = read_prompts(
+        path,
         fmt=p.format,
         field=p.field,
         id_field=p.id_field,
@@ -248,3 +316,24 @@ def read_pipeline_prompts(cfg: PipelineConfig) -> tuple[list[PromptItem], list[d
         limit=p.limit,
         label_field=p.label_field,
     )
+    source = {"path": p.path, "revision": file_revision(path), "offset": p.offset, "limit": p.limit}
+    return PromptSet(items, skipped, source)
+
+
+def read_pipeline_prompts(cfg: PipelineConfig) -> tuple[list[PromptItem], list[dict[str, Any]]]:
+    """:func:`read_prompts` over a pipeline's ``prompts:`` section (its path relative to the
+    pipeline file)."""
+    found = read_prompt_set(cfg)
+    return found.items, found.skipped
+
+
+def check_prompt_source(cfg: PipelineConfig) -> dict[str, Any] | None:
+    """Check a pipeline's ``prompts:`` section without reading prompts: for a dataset, that
+    its options fit, and that the dataset, config and split exist (a Hub name is resolved,
+    or found in the datasets cache). Returns the dataset's provenance, or None for a file.
+
+    Raises:
+        DataError: naming the field (``prompts.dataset``, ``prompts.split``, ...).
+    """
+    spec = dataset_spec(cfg.prompts, cfg.resolve_path)
+    return None if spec is None else resolve_dataset(spec).provenance()
