@@ -232,6 +232,7 @@ def _provenance_lines(prov: Mapping[str, Any]) -> list[str]:
     seeds = prov.get("seeds", prov.get("seed"))
     lines = [
         f"- **Constitution**: {cons}",
+        *_prompts_lines(prov.get("prompts")),
         f"- **Policy model** (wrote the responses): {policy}",
         *([f"- **Backend**: `{prov['backend']}`"] if prov.get("backend") else []),
         f"- **Judge model(s)**: {judge_names}",
@@ -246,6 +247,16 @@ def _provenance_lines(prov: Mapping[str, Any]) -> list[str]:
         lines.append("- **Templates** (name: content hash):")
         lines += [f"  - `{k}`: `{v}`" for k, v in sorted(templates.items())]
     return lines
+
+
+def _prompts_lines(src: Any) -> list[str]:
+    """A dataset's name, config, split and resolved revision, or a file's path and hash."""
+    if not isinstance(src, Mapping) or not src:
+        return []
+    at = "".join(f", {k} `{src[k]}`" for k in ("config", "split") if src.get(k))
+    rows = f"offset {src.get('offset') or 0}, limit {src.get('limit') or 'none'}"
+    return [f"- **Prompts**: `{src.get('dataset') or src.get('path')}`{at}, revision "
+            f"`{src.get('revision') or 'not resolved'}`, {rows}"]  # fmt: skip
 
 
 def _calibration_lines(cal: Any) -> list[str]:

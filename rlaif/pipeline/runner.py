@@ -35,7 +35,7 @@ from rlaif.pipeline.rl_cai import PairToJudge, judge_wave, sample_wave, select_p
 from rlaif.pipeline.sl_cai import TRACE_STAGE, critique_revise_wave, step_names
 from rlaif.progress import Progress
 from rlaif.prompts import PromptBook
-from rlaif.sources import PromptItem, read_pipeline_prompts
+from rlaif.sources import PromptItem, read_prompt_set
 from rlaif.stages import critique as cai
 from rlaif.stages import judge as J
 from rlaif.stages.pairs import candidate_pairs, keep_cai_sl_pair
@@ -71,6 +71,7 @@ class _Run:
     retry_errors: bool
     stream: TextIO
     stores: list[StageStore] = field(default_factory=list)
+    source: dict[str, Any] = field(default_factory=dict)  # the prompts' source and revision
 
     def store(self, stage: str) -> StageStore:
         s = StageStore(self.run_dir, stage, retry_errors=self.retry_errors)
@@ -88,6 +89,7 @@ class _Run:
             "backend": self.cfg.model.backend,
             "seed": self.cfg.seed,
             "rlaif_version": __version__,
+            "prompts": self.source,
         }
         for role, origin in self.cfg.model_from.items():  # "model_step", "judge_step"
             p[f"{role}_step"] = origin
@@ -136,7 +138,8 @@ def run_pipeline(
     run_dir = Path(out or cfg.output)
     run_dir.mkdir(parents=True, exist_ok=True)
     with RunLock(run_dir):
-        items, dropped = read_pipeline_prompts(cfg)
+        found = read_prompt_set(cfg)
+        items, dropped = found.items, found.skipped
         cache = CallCache(run_dir / "cache" / "calls.jsonl")
         named = {role: f"step:{o['step']}" for role, o in cfg.model_from.items()}
         caller = make_caller(
@@ -178,6 +181,7 @@ def run_pipeline(
             judge_callers,
             retry_errors,
             stream or sys.stderr,
+            source=found.source,
         )
         base = Manifest.load(run_dir) or Manifest()
         base.start()
@@ -190,6 +194,7 @@ def run_pipeline(
                     "read": len(items) + len(dropped),
                     "kept": len(items),
                     "dropped": _count(r["reason"] for r in dropped),
+                    "source": found.source,
                 },
             }
         )
@@ -287,7 +292,7 @@ def _sl_cai(run: _Run, manifest: Manifest) -> list[dict[str, Any]]:
     steps = len(stores)
     done = sum(1 for i in run.items if traces.is_done(ids[i.id]))
     provenance = {
-        **run.provenance(),
+        **{k: v for k, v in run.provenance().items() if k != "prompts"},  # a record has its own
         "params": {
             k: dataclasses.asdict(getattr(stage, k)) for k in ("respond", "critique", "revise")
         },

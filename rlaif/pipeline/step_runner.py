@@ -49,7 +49,7 @@ from rlaif.pipeline.train_steps import (
     wire,
     write_prompts,
 )
-from rlaif.sources import read_pipeline_prompts
+from rlaif.sources import check_prompt_source, read_pipeline_prompts
 from rlaif.store import RunLock, content_hash
 from rlaif.train.recipes import ONLINE_TRAINERS
 
@@ -220,6 +220,15 @@ def data_config(state: _Steps, p: PlannedStep) -> PipelineConfig:
     )
 
 
+def _prompts_identity(sub: PipelineConfig) -> Any:
+    """The prompts a data step reads: a file's content hash, or a dataset's name, config,
+    split and resolved revision (streaming or not reads the same prompts)."""
+    if sub.prompts.path:
+        return data_hash(sub.resolve_path(sub.prompts.path))
+    source = check_prompt_source(sub) or {}
+    return {k: v for k, v in source.items() if k != "streaming"}
+
+
 def _data_hashes(state: _Steps, p: PlannedStep, sub: PipelineConfig) -> tuple[str, str]:
     """(inputs, whole) hashes of a data step.
 
@@ -242,7 +251,7 @@ def _data_hashes(state: _Steps, p: PlannedStep, sub: PipelineConfig) -> tuple[st
             "model": state.identity(p.model),
             "judge": state.identity(p.judge_model) if p.judge_model else None,
             "backend": sub.model.backend,
-            "prompts": data_hash(sub.resolve_path(sub.prompts.path)),
+            "prompts": _prompts_identity(sub),
             "constitution": load_constitution(sub.constitution_ref()).content_hash,
             **({"samples": (read_done(state.folder(p.samples_from)) or {}).get("hash")}
                if p.samples_from else {}),
