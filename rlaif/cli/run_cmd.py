@@ -232,7 +232,8 @@ def _train_lines(est: Estimate) -> list[str]:
     head = ["training", "trainer", "steps", "rows", "tokens", "completions", "reward calls"]
     rows, basis = [], []
     for t in est.train:
-        steps = "?" if t.steps is None else ("" if t.exact_steps else "≈ ") + f"{t.steps:,}"
+        mark = "" if t.exact_steps else "≤ " if t.rows_bound else "≈ "
+        steps = "?" if t.steps is None else mark + f"{t.steps:,}"
         reward = f"{t.reward_calls:,}" if t.reward_calls else "-"
         if t.judge_requests:
             reward += f" ({t.judge_requests:,} judge requests)"
@@ -251,10 +252,11 @@ def _train_lines(est: Estimate) -> list[str]:
         *_table(head, rows),
         "",
         *basis,
-        "steps: optimizer steps (ppo: rollout batches), exact when max_steps / total_steps "
-        "sets them; rows: training rows (pairs, chat rows or prompts); tokens: about what the "
-        "trainer reads (prompts and responses; online RL at most max_completion_length per "
-        "completion); completions: sampled by online RL, each scored once by its reward; "
+        "steps: optimizer steps (ppo: rollout batches), exact when max_steps / total_steps set "
+        "them; rows: training rows (pairs, chat rows or prompts);",
+        "tokens: about what the trainer reads (prompts and responses; online RL: at most "
+        "max_completion_length per completion); completions: sampled by online RL, each scored "
+        "once by its reward;",
         "done: finished earlier, skipped on resume while its inputs are unchanged.",
     ]
 
