@@ -37,10 +37,12 @@ from rlaif.pipeline.done import (
 from rlaif.sources import PromptItem
 from rlaif.store import content_hash
 from rlaif.store.atomic import write_atomic
+from rlaif.train.checkpoints import CHECKPOINTS, NOT_HASHED, complete
 from rlaif.train.config import load_train_config
 from rlaif.train.recipes import ONLINE_TRAINERS, POLICY_TRAINERS, RECIPES
 
 PROMPTS = "prompts.jsonl"
+STARTED = "started.json"  # a training step's hash, written before it trains
 # metrics.json keys worth repeating in the summary and the manifest, when a recipe has them
 HEADLINE = (
     "steps",
@@ -220,7 +222,8 @@ ADDED = {"eval_dataset": "", "label_field": None, "reward.function": None,
 
 def _step_hash(trainer: str, tcfg: Any, run_dir: Path, upstream: dict[str, str]) -> str:
     settings = dataclasses.asdict(tcfg)
-    settings.pop("quiet", None)  # progress output changes nothing
+    for key in NOT_HASHED:  # progress output, checkpoints and trackers change no weight
+        settings.pop(key, None)
     for key, default in ADDED.items():  # steps trained before these fields keep their hash
         section, _, name = key.rpartition(".")
         node = settings.get(section, {}) if section else settings
@@ -281,12 +284,14 @@ def run_training(
     stream: TextIO,
     where: str,
 ) -> StepResult:
-    """Train one step into ``out``, or skip it when its ``done.json`` holds the same hash.
+    """Train one step into ``out``, skip it when its ``done.json`` holds the same hash, or
+    continue it from its last checkpoint when it was killed with the same hash.
 
     Args:
         name, trainer: the step and its recipe.
         tcfg: its training config (:func:`build_config`).
-        out: its folder (removed first when it holds a killed or changed step).
+        out: its folder (removed first when it holds a step of another hash; a killed step
+            of the same hash keeps its checkpoints, and the recipe resumes from them).
         run_dir: the run directory (its path is left out of the hash, so the run may move).
         upstream: model folder -> hash of the step that wrote it.
         stream: where the step line goes.
@@ -306,9 +311,15 @@ def run_training(
         print(f"{label}: done earlier, skipped", file=stream, flush=True)
         metrics, seconds = done.get("metrics") or {}, float(done.get("seconds") or 0.0)
         return StepResult(name, trainer, "skipped", out, digest, metrics, seconds)
-    if out.exists():  # a killed or changed step: start it again from nothing
-        shutil.rmtree(out)
-    print(f"{label}: training -> {out}", file=stream, flush=True)
+    started = read_done(out, STARTED)
+    if out.exists() and (started or {}).get("hash") != digest:
+        shutil.rmtree(out)  # a changed step (or one from before checkpoints): from nothing
+    saved = complete(out / CHECKPOINTS)
+    if saved:  # killed earlier: the recipe continues from the last complete checkpoint
+        print(f"{label}: resuming from step {saved[-1][0]} -> {out}", file=stream, flush=True)
+    else:
+        print(f"{label}: training -> {out}", file=stream, flush=True)
+    write_json(out / STARTED, {"hash": digest, "trainer": trainer, "started_at": now()})
     _, train = RECIPES[trainer].load()
     started = time.perf_counter()
     result = train(tcfg)

@@ -81,6 +81,7 @@ class Resume:
         step: that checkpoint's step (0 when none).
         curve_rows: ``curves.jsonl`` lines written when it was saved.
         keep: complete checkpoints to keep.
+        state: that checkpoint's ``rlaif_state.json``.
     """
 
     out: Path
@@ -89,6 +90,7 @@ class Resume:
     step: int = 0
     curve_rows: int = 0
     keep: int = 2
+    state: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def curves(self) -> CurveLogger:
         """The run's :class:`CurveLogger`: fresh, or cut back to the checkpoint's lines."""
@@ -99,9 +101,9 @@ class Resume:
             write_atomic(curves.path, "".join(kept))
         return curves
 
-    def commit(self, staging: Path, step: int, curve_rows: int) -> Path:
+    def commit(self, staging: Path, step: int, curve_rows: int, **extra: Any) -> Path:
         """Make the folder ``staging`` the complete checkpoint of ``step``, then prune."""
-        write_json_atomic(staging / STATE, {"step": step, "curve_rows": curve_rows})
+        write_json_atomic(staging / STATE, {**extra, "step": step, "curve_rows": curve_rows})
         fsync_tree(staging)
         final = self.root / f"step-{step:08d}"
         if final.exists():  # the same step saved again (a resume that ran no step)
@@ -159,7 +161,7 @@ def _latest(resume: Resume) -> Resume:
             state = json.loads((path / STATE).read_text(encoding="utf-8"))
         except (OSError, ValueError):
             continue
-        resume.path, resume.step = path, step
+        resume.path, resume.step, resume.state = path, step, state
         resume.curve_rows = int(state.get("curve_rows", 0))
         break
     return resume
@@ -170,16 +172,38 @@ def _latest(resume: Resume) -> Resume:
 
 def trl_checkpoints(trainer: Any, resume: Resume, curves: CurveLogger) -> None:
     """Have a transformers ``Trainer`` (``output_dir`` = ``resume.root``) put each checkpoint
-    into place atomically; the trainer's own rotation is off (``save_total_limit`` None)."""
+    into place atomically; the trainer's own rotation is off (``save_total_limit`` None).
+
+    Two running totals that transformers 5 and TRL 1.x keep outside their checkpoints are
+    saved beside them and restored on resume, so the numbers read as after an uninterrupted
+    run: the summed loss behind the final ``train_loss`` (transformers' ``_total_loss_scalar``,
+    averaged over the steps of this ``train()`` call only) and TRL's token count
+    (``_total_train_tokens``, logged as ``num_tokens``).
+    """
     from transformers import TrainerCallback
 
     class AtomicCheckpoints(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            if resume.path is None:
+                return
+            if "loss_sum" in resume.state and hasattr(trainer, "_total_loss_scalar"):
+                trainer._total_loss_scalar = float(resume.state["loss_sum"])
+                trainer._initial_global_step = 0  # train_loss: the mean over every step
+            if "tokens" in resume.state and hasattr(trainer, "_total_train_tokens"):
+                trainer._total_train_tokens = resume.state["tokens"]
+
         def on_save(self, args, state, control, **kwargs):
             if not state.is_world_process_zero:
                 return
             staging = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            if staging.is_dir():
-                resume.commit(staging, state.global_step, len(curves.rows()))
+            if not staging.is_dir():
+                return
+            totals: dict[str, Any] = {}
+            if hasattr(trainer, "_total_loss_scalar") and hasattr(trainer, "_tr_loss"):
+                totals["loss_sum"] = trainer._total_loss_scalar + float(trainer._tr_loss)
+            if hasattr(trainer, "_total_train_tokens"):
+                totals["tokens"] = trainer._total_train_tokens
+            resume.commit(staging, state.global_step, len(curves.rows()), **totals)
 
     trainer.add_callback(AtomicCheckpoints())
 
