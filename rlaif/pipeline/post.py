@@ -13,9 +13,10 @@ Layout of a run directory::
 
 Resume: ``done.json`` is written last, atomically, and holds the step's hash: its resolved
 training config, its input data and the hashes of the steps it builds on. A step whose
-``done.json`` matches is skipped without loading anything; any other step's folder is removed
-and the step trains again from the start (the recipes keep no checkpoints), and so does every
-later step that uses its output. The evaluation works the same way, and its model calls are
+``done.json`` matches is skipped without loading anything; a killed step of the same hash
+continues from its last checkpoint (``train_steps.run_training``); any other step's folder is
+removed and the step trains again from the start, and so does every later step that uses its
+output. The evaluation works the same way, and its model calls are
 cached in ``eval/cache/``, so a killed evaluation resumes without repeating them.
 """
 

@@ -17,7 +17,8 @@ steps whose models or data it uses, the prompts, the base model's revision). ``d
 written last, holds it; a step whose ``done.json`` matches is skipped without loading
 anything. A data step whose hash changed starts again from an empty folder; one with the same
 hash that was killed continues where it stopped (its records and call cache are kept). A
-training step that did not finish trains again from the start. A changed step therefore
+training step that did not finish continues from its last complete checkpoint (every
+``checkpoint_every`` steps; :mod:`rlaif.train.checkpoints`). A changed step therefore
 re-runs with every step downstream of it, and nothing upstream.
 """
 
@@ -49,7 +50,7 @@ from rlaif.pipeline.train_steps import (
     wire,
     write_prompts,
 )
-from rlaif.sources import check_prompt_source, read_pipeline_prompts
+from rlaif.sources import dataset_provenance, read_pipeline_prompts
 from rlaif.store import RunLock, content_hash
 from rlaif.train.recipes import ONLINE_TRAINERS
 
@@ -225,7 +226,7 @@ def _prompts_identity(sub: PipelineConfig) -> Any:
     split and resolved revision (streaming or not reads the same prompts)."""
     if sub.prompts.path:
         return data_hash(sub.resolve_path(sub.prompts.path))
-    source = check_prompt_source(sub) or {}
+    source = dataset_provenance(sub) or {}
     return {k: v for k, v in source.items() if k != "streaming"}
 
 
