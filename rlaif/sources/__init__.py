@@ -327,13 +327,21 @@ def read_pipeline_prompts(cfg: PipelineConfig) -> tuple[list[PromptItem], list[d
     return found.items, found.skipped
 
 
-def check_prompt_source(cfg: PipelineConfig) -> dict[str, Any] | None:
+def check_prompt_source(cfg: PipelineConfig) -> None:
     """Check a pipeline's ``prompts:`` section without reading prompts: for a dataset, that
     its options fit, and that the dataset, config and split exist (a Hub name is resolved,
-    or found in the datasets cache). Returns the dataset's provenance, or None for a file.
+    or found in the datasets cache).
 
     Raises:
         DataError: naming the field (``prompts.dataset``, ``prompts.split``, ...).
     """
+    spec = dataset_spec(cfg.prompts, cfg.resolve_path)
+    if spec is not None:
+        resolve_dataset(spec)
+
+
+def dataset_provenance(cfg: PipelineConfig) -> dict[str, Any] | None:
+    """A ``prompts:`` dataset's provenance (with its resolved revision), without reading
+    prompts; None for a prompt file."""
     spec = dataset_spec(cfg.prompts, cfg.resolve_path)
     return None if spec is None else resolve_dataset(spec).provenance()

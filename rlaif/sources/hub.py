@@ -19,6 +19,7 @@ read.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 import re
@@ -222,8 +223,17 @@ class ResolvedDataset:
     spec: DatasetSpec
     builder: Any
     split: str
-    revision: str | None  # the Hub commit sha, or sha256:<hash> of a local folder's files
+    hub_revision: str | None = None  # the commit sha the Hub (or the datasets cache) resolved
     cached: bool = False  # the Hub was not reached: read from the datasets cache
+
+    @functools.cached_property
+    def revision(self) -> str | None:
+        """The Hub commit sha, or ``sha256:<hash>`` of a local folder's files (hashed on
+        first use: a pipeline check does not read a large local copy)."""
+        if not self.spec.local:
+            return self.hub_revision
+        files = (self.builder.config.data_files or {}).get(self.split, [])
+        return _content_revision(self.spec, [str(f) for f in files])
 
     @property
     def label(self) -> str:
@@ -274,11 +284,12 @@ class ResolvedDataset:
                     return
                 ds = ds.select(range(offset, len(ds)))
             n = offset
-            for batch in ds.iter(batch_size=BATCH):
-                keys = list(batch)
-                for i in range(len(batch[keys[0]]) if keys else 0):
-                    n += 1
-                    yield n, {k: batch[k][i] for k in keys}
+            with contextlib.closing(ds.iter(batch_size=BATCH)) as batches:  # stop its readers
+                for batch in batches:
+                    keys = list(batch)
+                    for i in range(len(batch[keys[0]]) if keys else 0):
+                        n += 1
+                        yield n, {k: batch[k][i] for k in keys}
         except DataError:
             raise
         except Exception as exc:  # datasets / pyarrow / fsspec raise many types for bad data
@@ -365,7 +376,8 @@ def resolve_dataset(spec: DatasetSpec) -> ResolvedDataset:
     """
     if not spec.local and repr(spec) in _RESOLVED:
         return _RESOLVED[repr(spec)]
-    sha = cached = None
+    sha: str | None = None
+    cached = False
     if not spec.local:
         sha = None if offline() else probe_hub(spec.name, spec.revision)
         cached = sha is None
@@ -375,22 +387,20 @@ def resolve_dataset(spec: DatasetSpec) -> ResolvedDataset:
     except DataError:
         raise
     except Exception as exc:
-        raise _builder_error(spec, exc, bool(cached)) from None
+        raise _builder_error(spec, exc, cached) from None
     files = builder.config.data_files
     splits = list(files) if files else list(builder.info.splits or {})
     split = spec.split or ("train" if "train" in splits or not splits else splits[0])
     if splits and split not in splits:
         raise DataError(f"dataset '{spec.name}' has no split '{split}' (has: "
                         f"{', '.join(splits)})", field="prompts.split")  # fmt: skip
-    if spec.local:
-        revision = _content_revision(spec, [str(f) for f in (files or {}).get(split, [])])
-    else:
+    if not spec.local:
         found = _SHA.search(f"{getattr(builder, 'hash', '')} {getattr(builder, 'base_path', '')}")
         revision = sha or (found[0] if found else None)
         if cached and spec.revision and _SHA.fullmatch(spec.revision) and revision != spec.revision:
             raise DataError(f"the cached copy of dataset '{spec.name}' is revision {revision}, "
                             f"not {spec.revision}; {_local_copy_hint(spec.name)}",
                             field="prompts.revision")  # fmt: skip
-        _RESOLVED[repr(spec)] = ResolvedDataset(spec, builder, split, revision, bool(cached))
+        _RESOLVED[repr(spec)] = ResolvedDataset(spec, builder, split, revision, cached)
         return _RESOLVED[repr(spec)]
-    return ResolvedDataset(spec, builder, split, revision, False)
+    return ResolvedDataset(spec, builder, split)
