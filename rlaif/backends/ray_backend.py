@@ -190,6 +190,9 @@ class RayBackend(Backend):
         self.kind = kind
         # The transformers workers reuse shared prompt prefixes when told where they end.
         self.reuses_prefixes = kind == "transformers"
+        # A call is cut into the same per-worker batches every time; vLLM workers' results
+        # depend on them, so a resume re-sends a half-answered call whole (see Backend).
+        self.batch_invariant = kind != "vllm"
         self.model_id = model_id or model
         self.model_revision = model_revision
         self.workers = workers

@@ -223,9 +223,10 @@ class ModelCaller:
     def _run(self, requests, on_batch, call, group_of, encode, decode, fail) -> list:
         results: list[Any] = [None] * len(requests)
         keys = [self.key(r) for r in requests]
-        todo: list[int] = []
         # A request identical to an earlier one of the same call (a judge drawing the same
         # principle twice for a pair) is answered with that one's result: never computed twice.
+        # Batches are cut from every distinct request, answered or not, so a resumed run meets
+        # the batches of an uninterrupted one (see ``_send``).
         first: dict[str, int] = {}
         copies: dict[int, list[int]] = {}
         for i, k in enumerate(keys):
@@ -233,24 +234,25 @@ class ModelCaller:
             if hit is not None:
                 results[i] = decode(hit)
                 self.stats.cache_hits += 1
+                first.setdefault(k, i)
             elif k in first:
                 copies.setdefault(first[k], []).append(i)
                 self.stats.duplicates += 1
             else:
                 first[k] = i
-                todo.append(i)
         # One backend call per group of identical params; longest prompts first cut padding
         # waste and surface context-overflow errors early.
         groups: dict[str, list[int]] = {}
-        for i in todo:
+        for i in first.values():
             groups.setdefault(group_of(requests[i]), []).append(i)
         for idxs in groups.values():
             idxs.sort(key=lambda i: -sum(len(m["content"]) for m in requests[i].messages))
             for start in range(0, len(idxs), self.batch_size):
-                rest = idxs[start : start + self.batch_size]
+                batch = idxs[start : start + self.batch_size]
+                rest = [i for i in batch if results[i] is None]
                 while rest:  # more than one pass only when the budget cuts the batch
                     chunk = self._admitted(requests, rest)
-                    out = self._isolated(call, [requests[i] for i in chunk], fail)
+                    out = self._send(call, requests, batch, chunk, fail)
                     self.cache.put_many(
                         {keys[i]: encode(r) for i, r in zip(chunk, out, strict=True) if r.ok}
                     )
@@ -266,6 +268,21 @@ class ModelCaller:
                         on_batch(chunk + same, out + [results[c] for c in same])
                     rest = rest[len(chunk) :]
         return results
+
+    def _send(self, call, requests, batch: list[int], chunk: list[int], fail) -> list:
+        """Results for ``chunk``, the unanswered part of ``batch`` sent now.
+
+        A backend whose results depend on the batch (``batch_invariant`` False) gets the
+        whole batch when an earlier run left part of it answered (a resume): the answered
+        requests are computed again and only the chunk's results kept, so every request is
+        computed in the batch an uninterrupted run gave it. Under a budget only the chunk is
+        sent: the budget admitted no more.
+        """
+        if len(chunk) == len(batch) or self.budget is not None or self.backend.batch_invariant:
+            return self._isolated(call, [requests[i] for i in chunk], fail)
+        out = self._isolated(call, [requests[i] for i in batch], fail)
+        wanted = set(chunk)
+        return [r for i, r in zip(batch, out, strict=True) if i in wanted]
 
     def _admitted(self, requests: Sequence, idxs: list[int]) -> list[int]:
         """The leading requests of a batch to send now, with the backend started; raises

@@ -44,32 +44,30 @@ def run_gen_step(
     keys = list(requests)
     ids = {k: step_id(name, requests[k], caller) for k in keys}
     done: dict[str, dict[str, Any]] = {}
-    pending = []
     for k in keys:
         rec = store.get(ids[k]) if store.is_done(ids[k]) else None
         if rec is not None:
             done[k] = rec
-        else:
-            pending.append(k)
     if done:
         progress.update(len(done))
 
     def save(indices: list[int], results: list[GenResult]) -> None:
-        records = [
-            _record(ids[pending[i]], pending[i], name, requests[pending[i]], res, extra)
-            for i, res in zip(indices, results, strict=True)
-        ]
+        new = [(keys[i], r) for i, r in zip(indices, results, strict=True) if keys[i] not in done]
+        records = [_record(ids[k], k, name, requests[k], res, extra) for k, res in new]
         store.append(records)
         for rec in records:
             done[rec["prompt_id"]] = rec
-        fresh = [r for r in results if not r.cached]
+        fresh = [r for _, r in new if not r.cached]
         progress.update(
             len(records), tokens=sum(c.completion_tokens for r in fresh for c in r.completions)
         )
 
-    results = caller.generate([requests[k] for k in pending], on_batch=save)
+    # Every request goes to the caller, done ones too (answered from the cache): it cuts its
+    # batches from all of them, so a resumed run computes each request in the batch an
+    # uninterrupted run gave it (results of some backends depend on the batch).
+    results = caller.generate([requests[k] for k in keys], on_batch=save)
     # Cache hits never reach on_batch: save them here (one fsynced append).
-    hits = [i for i, r in enumerate(results) if r.cached and pending[i] not in done]
+    hits = [i for i, r in enumerate(results) if r.cached and keys[i] not in done]
     if hits:
         save(hits, [results[i] for i in hits])
     return done
