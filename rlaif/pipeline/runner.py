@@ -184,6 +184,9 @@ def run_pipeline(
             source=found.source,
         )
         base = Manifest.load(run_dir) or Manifest()
+        if base.started_at is not None and base.finished_at is None:
+            # An earlier run here stopped before it finished (killed, crashed, out of budget).
+            base.info["resumed"] = int(base.info.get("resumed", 0)) + 1
         base.start()
         base.info.update(
             {
