@@ -357,3 +357,24 @@ def test_a_prompt_file_records_its_hash(tmp_path):
     (tmp_path / "p.jsonl").write_text('{"prompt": "hi"}\n{"prompt": "there"}\n')
     found = read_prompt_set(load_pipeline(pipeline(tmp_path, "{path: p.jsonl}")))
     assert found.source["path"] == "p.jsonl" and found.source["revision"].startswith("sha256:")
+
+
+# -- the bench's pure parts ---------------------------------------------------------------------
+
+
+def test_bench_builds_a_readable_repo_and_prints_ratios(tmp_path):
+    from bench import hub_prompts
+
+    hub_prompts.build(tmp_path / "repo", rows=50, shards=3)
+    found = read_prompts(tmp_path / "repo", id_field="id")[0]
+    assert len(found) == 50 and found[-1].id == "p49"
+    common = {"count": 10, "base_rss": 100, "cache_bytes": 0}
+    results = [
+        {"mode": m, "streaming": s, "seconds": 2.0 if s else 4.0, "peak_rss": 150 if s else 300}
+        | common
+        for m in hub_prompts.MODES
+        for s in (True, False)
+    ]
+    text, ratios = hub_prompts.table(results, first=10)
+    assert ratios["first"] == {"peak_rss": 2.0, "growth": 4.0, "seconds": 2.0}
+    assert "| first 10 prompts | yes | 10 |" in text
