@@ -126,6 +126,15 @@ def test_a_path_folder_that_is_a_dataset_repo_reads_the_same(tmp_path):
     assert len(items) == 3
 
 
+def test_a_folder_without_data_is_not_searched_for_data_files(tmp_path):
+    (tmp_path / "empty" / "deep").mkdir(parents=True)
+    with pytest.raises(DataError, match="cannot read disk data"):
+        read_prompts(tmp_path / "empty")  # read as a save_to_disk folder, as before
+    (tmp_path / "flat").mkdir()
+    (tmp_path / "flat" / "part.jsonl").write_text('{"prompt": "hi"}\n')
+    assert len(read_prompts(tmp_path / "flat")[0]) == 1  # data files at its top: a dataset
+
+
 @pytest.mark.parametrize(
     ("extra", "offset", "limit"),
     [("", 0, None), (", config: helpful", 1, 2), ("", 3, 4), (", split: test", 2, 10)],

@@ -23,7 +23,7 @@ from rlaif.sources.hub import (
     ResolvedDataset,
     dataset_spec,
     file_revision,
-    is_saved_dataset,
+    is_dataset_repo,
     resolve_dataset,
 )
 from rlaif.store.hashing import content_hash
@@ -169,7 +169,7 @@ def _rows_table(path: Path, fmt: str, split: str | None) -> Iterator[tuple[int, 
 
 def detect_format(path: Path) -> str:
     if path.is_dir():
-        return "disk" if is_saved_dataset(path) else "dataset"
+        return "dataset" if is_dataset_repo(path) else "disk"
     suffix = path.suffix.lower()
     return {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".parquet": "parquet"}.get(
         suffix, "jsonl"
@@ -209,7 +209,8 @@ def read_prompts(
     ``skipped`` lists rows left out with a reason (duplicates), so every input is accounted
     for. Malformed rows raise :class:`DataError` naming file, line and column; so does a row
     without a ``label_field`` value, when one is named. A folder that is not a
-    ``save_to_disk`` folder is read as a dataset repository (:mod:`rlaif.sources.hub`).
+    ``save_to_disk`` folder but has a README, a ``data/`` folder or data files is read as a
+    dataset repository (:mod:`rlaif.sources.hub`).
     """
     if not path.exists():
         raise DataError("prompt source not found", file=path, field="prompts.path")

@@ -35,8 +35,10 @@ BATCH = 1024  # rows per batch read from a dataset
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 _SHA = re.compile(r"[0-9a-f]{40}")
 _TRUE = ("1", "ON", "YES", "TRUE")
-# A save_to_disk folder has one of these; any other folder is read as a dataset repository.
+# A save_to_disk folder has one of these; a folder with a README, a data/ folder or data
+# files is read as a dataset repository.
 SAVED_MARKERS = ("dataset_dict.json", "state.json")
+DATA_SUFFIXES = (".parquet", ".jsonl", ".json", ".csv", ".arrow", ".txt", ".gz", ".zst")
 _RESOLVED: dict[str, ResolvedDataset] = {}  # Hub datasets by spec: one commit per process
 
 
@@ -68,6 +70,17 @@ class DatasetSpec:
 def is_saved_dataset(path: Path) -> bool:
     """Whether ``path`` is a ``save_to_disk`` folder (read by ``load_from_disk``)."""
     return any((path / m).is_file() for m in SAVED_MARKERS)
+
+
+def is_dataset_repo(path: Path) -> bool:
+    """Whether the folder ``path`` looks like a dataset repository: not a ``save_to_disk``
+    folder, and a README, a ``data/`` folder or data files at its top (so that a stray
+    ``path: /`` is not globbed through for data files)."""
+    if is_saved_dataset(path) or not path.is_dir():
+        return False
+    if (path / "README.md").is_file() or (path / "data").is_dir():
+        return True
+    return any(f.suffix in DATA_SUFFIXES and f.is_file() for f in path.iterdir())
 
 
 def normalize_data_files(value: Any) -> str | list[str] | dict[str, list[str]] | None:
@@ -194,7 +207,7 @@ def dataset_spec(p: Any, resolve: Callable[[str], Path]) -> DatasetSpec | None:
             raise DataError(f"no dataset folder at {folder}", field="prompts.dataset")
     elif p.path:
         folder = resolve(p.path)
-        if folder.is_dir() and p.format == "auto" and not is_saved_dataset(folder):
+        if p.format == "auto" and is_dataset_repo(folder):
             target = str(folder.resolve())
     elif files is not None:
         name, target = "data_files", str(resolve(".").resolve())
