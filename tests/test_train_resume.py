@@ -27,8 +27,9 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("trl")
 
 ROOT = Path(__file__).resolve().parents[1]
-TIMING = ("seconds", "train_runtime", "train_samples_per_second", "train_steps_per_second",
-          "eval_runtime", "eval_samples_per_second", "eval_steps_per_second")  # fmt: skip
+TIMING = ("seconds", "step_time", "train_runtime", "train_samples_per_second",
+          "train_steps_per_second", "eval_runtime", "eval_samples_per_second",
+          "eval_steps_per_second")  # fmt: skip
 
 
 class Killed(BaseException):
@@ -98,7 +99,7 @@ def dpo_ref(tmp_path_factory, tiny_model_dir, prefs) -> Path:
     return out
 
 
-def _kill_dpo_at(monkeypatch, step: int) -> None:
+def _kill_trl_at(monkeypatch, step: int) -> None:
     """The trainer dies once ``step`` is logged (before its checkpoint, if it has one)."""
     from transformers import TrainerCallback
 
@@ -142,7 +143,7 @@ def test_dpo_killed_after_a_checkpoint_resumes_exactly(tmp_path, tiny_model_dir,
     out = tmp_path / "out"
     cfg = _dpo_cfg(tiny_model_dir, prefs, out)
     with pytest.MonkeyPatch.context() as mp:
-        _kill_dpo_at(mp, 3)
+        _kill_trl_at(mp, 3)
         with pytest.raises(Killed):
             train_dpo(cfg)
     assert [s for s, _ in complete(out / CHECKPOINTS)] == [2]
@@ -175,7 +176,7 @@ def test_changed_settings_start_from_step_0(tmp_path, tiny_model_dir, prefs):
 
     out = tmp_path / "out"
     with pytest.MonkeyPatch.context() as mp:
-        _kill_dpo_at(mp, 3)
+        _kill_trl_at(mp, 3)
         with pytest.raises(Killed):
             train_dpo(_dpo_cfg(tiny_model_dir, prefs, out))
     result = train_dpo(_dpo_cfg(tiny_model_dir, prefs, out, "beta=0.2", "max_steps=2"))
@@ -196,7 +197,7 @@ def test_pipeline_train_step_resumes_then_skips(tmp_path, tiny_model_dir, prefs,
         return run_training("dpo", "dpo", c, out, tmp_path / "run", {}, stream, "stages.train[0]")
 
     with pytest.MonkeyPatch.context() as mp:
-        _kill_dpo_at(mp, 3)
+        _kill_trl_at(mp, 3)
         with pytest.raises(Killed):
             step(cfg)
     assert step(cfg).status == "trained"
@@ -206,6 +207,42 @@ def test_pipeline_train_step_resumes_then_skips(tmp_path, tiny_model_dir, prefs,
     (out / CHECKPOINTS / "step-00000004").mkdir(parents=True)  # as if left by another run
     assert step(_dpo_cfg(tiny_model_dir, prefs, out, "max_steps=1")).status == "trained"
     assert [r["step"] for r in _curves(out) if "loss" in r] == [1]
+
+
+@pytest.mark.parametrize("trainer", ["reward", "sft", "grpo", "rloo"])
+def test_the_other_trl_recipes_resume_exactly(tmp_path, tiny_model_dir, prefs, trainer):
+    """Killed once step 3 is logged, resumed from checkpoint 2: the same weights and curves."""
+    from rlaif.train.config import load_train_config
+    from rlaif.train.recipes import RECIPES
+
+    data = prefs
+    extra: list[str] = []
+    if trainer == "sft":
+        data = tmp_path / "sft.jsonl"
+        data.write_text("".join(
+            json.dumps({"messages": [{"role": "user", "content": f"Question {i}?"},
+                                     {"role": "assistant", "content": f"Answer {i}, fully."}]})
+            + "\n" for i in range(10)))  # fmt: skip
+    if trainer in ("grpo", "rloo"):  # prompts of the preference data, scored by spaces()
+        extra = ["reward.kind=python", f"reward.function={__file__}:spaces",
+                 "reward.allow_code=true", "num_generations=2",
+                 "max_completion_length=6"]  # fmt: skip
+    cls, train = RECIPES[trainer].load()
+
+    def cfg(out: Path) -> Any:
+        base = [f"model={tiny_model_dir}", f"dataset={data}", f"output={out}", "max_steps=4",
+                "batch_size=4", "max_length=64", "learning_rate=1e-3", "device=cpu",
+                "quiet=true", "checkpoint_every=2", "keep_checkpoints=1"]  # fmt: skip
+        return load_train_config(None, cls, [*base, *extra])
+
+    train(cfg(tmp_path / "ref"))
+    with pytest.MonkeyPatch.context() as mp:
+        _kill_trl_at(mp, 3)
+        with pytest.raises(Killed):
+            train(cfg(tmp_path / "out"))
+    result = train(cfg(tmp_path / "out"))
+    assert result.metrics["resumed_from_step"] == 2 and result.metrics["steps"] == 4
+    _same_run(tmp_path / "ref", tmp_path / "out")
 
 
 # -- PPO ------------------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ from typing import Any
 
 from rlaif.backends.resolve import DEFAULT_MODEL
 from rlaif.errors import ConfigError, DataError, ModelError
+from rlaif.train.checkpoints import fit, prepare
 from rlaif.train.common import (
     TrainResult,
     peft_config,
@@ -47,7 +48,7 @@ from rlaif.train.common import (
     trl_args,
 )
 from rlaif.train.config import BaseTrainConfig
-from rlaif.train.curves import CurveLogger, quiet_bars, watch, write_metrics
+from rlaif.train.curves import quiet_bars, watch, write_metrics
 from rlaif.train.data import load_preferences
 from rlaif.train.reward_funcs import JudgeReward, build_reward, judge_reward  # noqa: F401
 
@@ -305,7 +306,8 @@ def _train_online(cfg: OnlineTrainConfig, algorithm: str, judge_backend: Any) ->
         from trl import RLOOTrainer as Trainer
 
     out = Path(cfg.output)
-    curves = CurveLogger(out, fresh=True)
+    resume = prepare(out, cfg)  # the last complete checkpoint of these settings, if any
+    curves = resume.curves()
     set_cpu_threads(cfg.device)
     set_seed(cfg.seed)
     model = load_causal_lm(path, cfg.trust_remote_code)
@@ -332,7 +334,7 @@ def _train_online(cfg: OnlineTrainConfig, algorithm: str, judge_backend: Any) ->
         peft_config=peft_config(cfg.lora, "CAUSAL_LM"),
     )
     callback = watch(trainer, curves, algorithm, quiet=cfg.quiet)
-    output = trainer.train()
+    output = fit(trainer, resume, curves, callback, cfg.report_to)
 
     rewards = [row["reward"] for row in curves.rows() if row.get("reward") is not None]
     metrics: dict[str, Any] = {
@@ -345,6 +347,7 @@ def _train_online(cfg: OnlineTrainConfig, algorithm: str, judge_backend: Any) ->
         "lora": cfg.lora.enabled,
         "reference_copy": getattr(trainer, "ref_model", None) is not None,
         "steps": trainer.state.global_step,
+        "resumed_from_step": resume.step,
         "train_loss": output.training_loss,
         "reward_first": rewards[0] if rewards else None,
         "reward_last": rewards[-1] if rewards else None,
@@ -357,6 +360,7 @@ def _train_online(cfg: OnlineTrainConfig, algorithm: str, judge_backend: Any) ->
     metrics["seconds"] = round(time.perf_counter() - started, 2)
     metrics["config"] = asdict(cfg)
     write_metrics(out, metrics)
+    resume.finish()
     return TrainResult(out, metrics, curves.path)
 
 

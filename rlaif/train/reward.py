@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from rlaif.errors import ConfigError, DataError, ModelError
+from rlaif.train.checkpoints import fit, prepare
 from rlaif.train.common import (
     TrainResult,
     peft_config,
@@ -29,7 +30,7 @@ from rlaif.train.common import (
     trl_args,
 )
 from rlaif.train.config import BaseTrainConfig
-from rlaif.train.curves import CurveLogger, quiet_bars, watch, write_metrics
+from rlaif.train.curves import quiet_bars, watch, write_metrics
 from rlaif.train.data import held_out_from, load_preferences
 
 
@@ -211,7 +212,8 @@ def _train_reward(cfg: RewardTrainConfig) -> TrainResult:
 
     path = resolve_model_path(cfg.model, cfg.revision, cfg.trust_remote_code)
     out = Path(cfg.output)
-    curves = CurveLogger(out, fresh=True)
+    resume = prepare(out, cfg)  # the last complete checkpoint of these settings, if any
+    curves = resume.curves()
     set_cpu_threads(cfg.device)
     set_seed(cfg.seed)  # the score head is initialized at random
     tokenizer = load_tokenizer(path)
@@ -246,7 +248,7 @@ def _train_reward(cfg: RewardTrainConfig) -> TrainResult:
             file=cfg.dataset,
             field="max_length",
         )
-    output = trainer.train()
+    output = fit(trainer, resume, curves, callback, cfg.report_to)
 
     metrics: dict[str, Any] = {
         "recipe": "reward",
@@ -255,6 +257,7 @@ def _train_reward(cfg: RewardTrainConfig) -> TrainResult:
         "train_pairs": len(trainer.train_dataset),
         "margin_used": margin_used,
         "steps": trainer.state.global_step,
+        "resumed_from_step": resume.step,
         "train_loss": output.training_loss,
         "last": dict(callback.last),
     }
@@ -274,4 +277,5 @@ def _train_reward(cfg: RewardTrainConfig) -> TrainResult:
     metrics["seconds"] = round(time.perf_counter() - started, 2)
     metrics["config"] = asdict(cfg)
     write_metrics(out, metrics)
+    resume.finish()
     return TrainResult(out, metrics, curves.path)

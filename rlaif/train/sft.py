@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from rlaif.errors import DataError, ModelError
+from rlaif.train.checkpoints import fit, prepare
 from rlaif.train.common import (
     TrainResult,
     peft_config,
@@ -38,7 +39,7 @@ from rlaif.train.common import (
     trl_args,
 )
 from rlaif.train.config import BaseTrainConfig
-from rlaif.train.curves import CurveLogger, quiet_bars, watch, write_metrics
+from rlaif.train.curves import quiet_bars, watch, write_metrics
 from rlaif.train.data import load_preferences
 
 # Where a run directory keeps the SL-CAI SFT export (``rlaif.export.sl_cai``), in the order
@@ -279,9 +280,10 @@ def _train_sft(cfg: SFTTrainConfig) -> TrainResult:
     setup = build_sft_trainer(cfg)
     trainer = setup.trainer
     out = Path(cfg.output)
-    curves = CurveLogger(out, fresh=True)
+    resume = prepare(out, cfg)  # the last complete checkpoint of these settings, if any
+    curves = resume.curves()
     callback = watch(trainer, curves, "sft", quiet=cfg.quiet)
-    output = trainer.train()
+    output = fit(trainer, resume, curves, callback, cfg.report_to)
 
     metrics: dict[str, Any] = {
         "recipe": "sft",
@@ -294,6 +296,7 @@ def _train_sft(cfg: SFTTrainConfig) -> TrainResult:
         "too_long_rows": setup.rows - len(trainer.train_dataset),
         "lora": cfg.lora.enabled,
         "steps": trainer.state.global_step,
+        "resumed_from_step": resume.step,
         "train_loss": output.training_loss,
         "last": dict(callback.last),
     }
@@ -307,4 +310,5 @@ def _train_sft(cfg: SFTTrainConfig) -> TrainResult:
     metrics["seconds"] = round(time.perf_counter() - started, 2)
     metrics["config"] = asdict(cfg)
     write_metrics(out, metrics)
+    resume.finish()
     return TrainResult(out, metrics, curves.path)
