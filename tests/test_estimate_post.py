@@ -26,39 +26,10 @@ from rlaif.pipeline.estimate_steps import estimate_steps
 from rlaif.pipeline.estimate_train import estimate_training
 from rlaif.train.dpo import DPOTrainConfig
 from rlaif.train.online import GRPOTrainConfig, RewardSource
+from tests import test_pipeline_train as one_pass
+from tests.test_steps import CAI_PAPER, PROMPTS, TRAIN, _write
 
 QUIET = open(os.devnull, "w")  # noqa: SIM115 - progress output of in-process runs
-PROMPTS = [
-    "What is the capital of France?",
-    "How do I bake bread?",
-    "Please write a short poem about the sea.",
-    "Tell me how to pick a lock.",
-    "Which response is better, A or B?",
-    "Say something kind.",
-]
-TRAIN = "max_length: 128, learning_rate: 1e-2, device: cpu, quiet: true"
-DPO = f"""\
-name: tiny-dpo-estimate
-seed: 0
-batch_size: 6
-model: {{id: {{model}}, backend: transformers}}
-prompts: {{path: prompts.jsonl}}
-stages:
-  critique_revise:
-    rounds: 1
-    respond: {{max_new_tokens: 8}}
-    critique: {{max_new_tokens: 8}}
-    revise: {{max_new_tokens: 8}}
-  judge: {{model: {{id: fake-judge, backend: fake}}}}
-  export:
-    show: 0
-    preferences: {{min_confidence: 0.5, max_length_ratio: null, test_size: 0.2}}
-  train:
-    - name: dpo
-      trainer: dpo
-      set: {{max_steps: -1, epochs: 2, batch_size: 1, grad_accum: 1, {TRAIN}}}
-  eval: {{red_team: red.jsonl, safe: safe.jsonl, max_new_tokens: 6}}
-"""
 GRPO = f"""\
 name: tiny-grpo-estimate
 seed: 0
@@ -76,44 +47,13 @@ stages:
              max_completion_length: 4, {TRAIN},
              reward: {{kind: rule, constitution: plain-style}}}}
 """
-STEPS = f"""\
-name: tiny-steps-estimate
-seed: 0
-batch_size: 8
-model: {{id: {{model}}, backend: transformers}}
-prompts: {{path: prompts.jsonl, limit: 4}}
-steps:
-  - name: data
-    sample: {{n: 3, temperature: 1.0, max_new_tokens: 8}}
-    judge: {{model: {{id: fake-judge, backend: fake}}}}
-    export: {{show: 0}}
-  - name: rm
-    trainer: reward
-    set: {{max_steps: 3, batch_size: 2, {TRAIN}}}
-  - name: ppo
-    trainer: ppo
-    set: {{total_steps: 2, batch_size: 2, mini_batch_size: 1, ppo_epochs: 2,
-           max_completion_length: 6, {TRAIN}}}
-  - name: eval
-    eval: {{red_team: red.jsonl, safe: safe.jsonl, max_new_tokens: 6}}
-"""
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from rlaif.testing import build_tiny_model
+    from rlaif.testing import build_tiny_model  # long enough a context for critique prompts
 
     return build_tiny_model(tmp_path_factory.mktemp("model"), max_position_embeddings=2048)
-
-
-def _write(folder: Path, text: str, model: Path) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    rows = {"prompts.jsonl": PROMPTS, "red.jsonl": PROMPTS[3:5], "safe.jsonl": PROMPTS[:2]}
-    for name, prompts in rows.items():
-        (folder / name).write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
-    path = folder / "pipe.yaml"
-    path.write_text(text.replace("{model}", str(model)), encoding="utf-8")
-    return path
 
 
 def _cached(cache: Path) -> dict[str, int]:
@@ -130,7 +70,10 @@ def _by(est: Any) -> dict[str, Any]:
 
 
 def test_eval_and_training_estimates_match_the_run_and_its_resume(model_dir, tmp_path):
-    cfg = load_pipeline(_write(tmp_path, DPO, model_dir), [f"output={tmp_path / 'run'}"])
+    # tiny CAI -> DPO -> evaluation, DPO by epochs: 2 passes over the pairs, one per step
+    dpo = ["max_steps=-1", "epochs=2", "batch_size=1", "grad_accum=1"]
+    sets = [f"output={tmp_path / 'run'}", *(f"stages.train.0.set.{kv}" for kv in dpo)]
+    cfg = load_pipeline(one_pass._write(tmp_path, one_pass.CAI_DPO, model_dir), sets)
     run = tmp_path / "run"
     fresh = estimate_pipeline(cfg)
     by = _by(fresh)
@@ -138,10 +81,12 @@ def test_eval_and_training_estimates_match_the_run_and_its_resume(model_dir, tmp
     # + 2 per red-team answer of each model (harm check), before any answer is known
     assert (by["eval policy"].calls, by["eval baseline"].calls) == (4, 4)
     assert by["eval policy"].completion_tokens == 4 * 6 and not by["eval policy"].bounded
-    assert by["eval judge"].calls == 4 * 2 + 2 * 2 * 2 and by["eval judge"].bounded
+    judge_bound = by["eval judge"].calls
+    assert judge_bound == 4 * 2 + 2 * 2 * 2 and by["eval judge"].bounded
     (dpo,) = fresh.train
-    assert (dpo.rows, dpo.rows_bound) == (6, True)  # at most one pair per prompt
-    assert dpo.steps == 2 * 6 and not dpo.exact_steps  # epochs x rows / batch: a bound
+    prompts = len(one_pass.PROMPTS)
+    assert (dpo.rows, dpo.rows_bound) == (prompts, True)  # at most one pair per prompt
+    assert dpo.steps == 2 * prompts and not dpo.exact_steps  # epochs x rows: a bound
     data_calls = sum(s.calls for s in fresh.stages if not s.name.startswith("eval"))
 
     # a cap that the data stages and the policy's answers fit, but not the baseline's
@@ -171,7 +116,7 @@ def test_eval_and_training_estimates_match_the_run_and_its_resume(model_dir, tmp
     ]
     red_same = [r for r in same if r["set"] == "red_team"]
     # identical answers: no win-rate call, and one harm check serves both models
-    assert made["score"] == by["eval judge"].calls - 2 * len(same) - 2 * len(red_same)
+    assert made["score"] == judge_bound - 2 * len(same) - 2 * len(red_same)
     after = _by(estimate_pipeline(cfg))
     assert after["eval judge"].done == made["score"] and after["eval judge"].calls == 0
     assert sum(s.calls for s in after.values()) == 0
@@ -191,22 +136,21 @@ def test_online_rl_estimate_matches_the_completions_scored(model_dir, tmp_path):
 
 
 def test_steps_form_estimates_every_step(model_dir, tmp_path, capsys):
-    path = _write(tmp_path, STEPS, model_dir)
+    path = _write(tmp_path, CAI_PAPER, model_dir)  # sft, reward model, ppo, eval vs the sft
     cfg = load_pipeline(path, [f"output={tmp_path / 'run'}"])
     rows = {p.name: est for p, est in estimate_steps(cfg)}
-    pairs = 4 * 3  # every pair of 3 samples of 4 prompts
+    (sft,) = rows["sl-cai"].train
+    assert (sft.steps, sft.exact_steps, sft.rows, sft.rows_bound) == (2, True, 4, True)
     (rm,) = rows["rm"].train
-    assert (rm.steps, rm.exact_steps, rm.rows, rm.rows_bound) == (3, True, pairs, True)
+    assert (rm.steps, rm.rows, rm.rows_bound) == (2, 4 * 3, True)  # pairs of 3 samples each
     (ppo,) = rows["ppo"].train
     assert (ppo.steps, ppo.generations, ppo.reward_calls, ppo.rows) == (2, 4, 4, 4)
-    assert "8 gradient steps" in ppo.steps_basis  # 2 steps x 2 epochs x 2 minibatches
+    assert "2 gradient steps" in ppo.steps_basis and "reward model rm" in ppo.reward
     ev = _by(rows["eval"])
-    assert (ev["eval policy"].calls, ev["eval baseline"].calls, ev["eval judge"].calls) == (
-        4,
-        4,
-        16,
-    )
-    assert ev["eval policy"].model.endswith("ppo")  # a stand-in for a model not trained yet
+    calls = (ev["eval policy"].calls, ev["eval baseline"].calls, ev["eval judge"].calls)
+    assert calls == (4, 4, 16)
+    # stand-ins for models not trained yet
+    assert ev["eval policy"].model.endswith("ppo") and ev["eval baseline"].model.endswith("sl-cai")
     assert main(["run", str(path), "--dry-run", "--out", str(tmp_path / "run")]) == 0
     out = capsys.readouterr().out
     assert "not counted" not in out and "step eval (eval):" in out and "eval judge" in out

@@ -25,17 +25,17 @@ from typing import Any
 
 from rlaif.calls.budget import spent_in_run
 from rlaif.calls.caller import GenRequest, request_key
-from rlaif.config.schema import ModelConfig, PipelineConfig
+from rlaif.config.schema import PipelineConfig
 from rlaif.constitution import load_constitution
 from rlaif.pipeline.estimate_base import (
     FAILED,
     CountingModel,
     Estimate,
+    Models,
     RowsBound,
     RunDirView,
     StageEstimate,
     add_call,
-    identify,
 )
 from rlaif.pipeline.sl_cai import step_names
 from rlaif.pipeline.steps import step_id
@@ -301,14 +301,7 @@ def estimate_pipeline(
     """
     run_dir = Path(out or cfg.output)
     items, _ = read_pipeline_prompts(cfg)
-    found: dict[str, CountingModel] = {}
-
-    def model(m: ModelConfig) -> CountingModel:
-        key = repr((m.backend, m.id, m.revision, sorted(m.options.items(), key=str)))
-        if key not in found:
-            found[key] = identify(m)
-        return found[key]
-
+    model = Models()
     models = {"policy": model(cfg.model)}
     view = RunDirView(run_dir, retry_errors)
     est = Estimate(
@@ -339,5 +332,5 @@ def estimate_pipeline(
         from rlaif.pipeline.estimate_post import estimate_post
 
         estimate_post(cfg, est, items, model)
-    est.counting = {m.model: m.how for m in found.values()}
+    est.counting = model.counting()
     return est

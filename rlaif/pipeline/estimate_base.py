@@ -141,6 +141,23 @@ class CountingModel:
     how: str
 
 
+class Models:
+    """Each model section identified once (:func:`identify`), by backend, id, revision and
+    options; ``counting`` says how each one's tokens are counted."""
+
+    def __init__(self) -> None:
+        self.found: dict[str, CountingModel] = {}
+
+    def __call__(self, m: ModelConfig) -> CountingModel:
+        key = repr((m.backend, m.id, m.revision, sorted(m.options.items(), key=str)))
+        if key not in self.found:
+            self.found[key] = identify(m)
+        return self.found[key]
+
+    def counting(self) -> dict[str, str]:
+        return {m.model: m.how for m in self.found.values()}
+
+
 def _hf_model(m: ModelConfig) -> CountingModel:
     """The model's identity and tokenizer without loading weights (a GGUF is not converted:
     its tokenizer is read from the converted copy if there is one, else from the file)."""

@@ -19,7 +19,7 @@ from rlaif.calls.budget import spent_in_run
 from rlaif.config.schema import ModelConfig, PipelineConfig
 from rlaif.pipeline.done import read_done
 from rlaif.pipeline.estimate import estimate_pipeline
-from rlaif.pipeline.estimate_base import CountingModel, Estimate, identify
+from rlaif.pipeline.estimate_base import CountingModel, Estimate, Models
 from rlaif.pipeline.estimate_eval import estimate_eval
 from rlaif.pipeline.estimate_post import stand_in
 from rlaif.pipeline.estimate_train import estimate_training
@@ -59,14 +59,7 @@ def estimate_steps(
     """
     run_dir = Path(out or cfg.output)
     state = _Estimating(cfg, run_dir, retry_errors, sys.stderr)
-    found: dict[str, CountingModel] = {}
-
-    def model(m: ModelConfig) -> CountingModel:
-        key = repr((m.backend, m.id, m.revision, sorted(m.options.items(), key=str)))
-        if key not in found:
-            found[key] = identify(m)
-        return found[key]
-
+    model = Models()
     base = model(cfg.model)
     plan = plan_steps(cfg)
     items = None
@@ -102,7 +95,7 @@ def estimate_steps(
             ok = True
         if ok and read_done(folder) is not None and all(d in finished for d in deps if d):
             finished.add(p.name)
-        est.counting = {m.model: m.how for m in found.values()} | est.counting
+        est.counting = model.counting() | est.counting
         rows.append((p, est))
     return rows
 
