@@ -176,8 +176,13 @@ def _events(path: Path) -> list[tuple[str, float]]:
     return out
 
 
-def _finish(proc: subprocess.Popen, what: str, timeout: float = 900) -> None:
-    _, err = proc.communicate(timeout=timeout)
+def _finish(proc: subprocess.Popen, what: str, timeout: float = 3600) -> None:
+    try:
+        _, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()  # never leave a run behind
+        proc.communicate()
+        raise
     if proc.returncode != 0:
         tail = err.decode("utf-8", "replace").strip().splitlines()[-5:]
         raise RuntimeError(f"{what} exited {proc.returncode}: {' | '.join(tail)}")
