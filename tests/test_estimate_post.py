@@ -188,3 +188,24 @@ def test_online_epochs_and_judge_rewards(tmp_path):
     assert est.tokens == 12 * 2 + 12 * 5 and est.reward_calls == 12
     tcfg.reward = RewardSource(kind="judge", principles_k=2)
     assert estimate_training("g", "grpo", tcfg, _words()).judge_requests == 12 * 2 * 2
+
+
+def test_a_killed_step_counts_what_is_left_after_its_checkpoint(tmp_path):
+    from rlaif.train.checkpoints import CHECKPOINTS, RUN, STATE, settings_hash
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"hi {i}"}) + "\n" for i in range(6)))
+    tcfg = GRPOTrainConfig(prompts=str(prompts), max_steps=10, batch_size=4, num_generations=2,
+                           device="cpu", reward=RewardSource(kind="rule"))  # fmt: skip
+    out = tmp_path / "grpo"
+    assert estimate_training("g", "grpo", tcfg, _words(), out=out).steps == 10  # nothing saved
+    root = out / CHECKPOINTS
+    (root / "step-00000004").mkdir(parents=True)
+    (root / "step-00000004" / STATE).write_text('{"step": 4}')
+    (root / "step-00000006").mkdir()  # no state file: not a complete checkpoint
+    (root / RUN).write_text(json.dumps({"settings": settings_hash(tcfg)}))
+    est = estimate_training("g", "grpo", tcfg, _words(), out=out)
+    assert (est.steps, est.resumed, est.generations, est.reward_calls) == (6, 4, 24, 24)
+    assert est.exact_steps and "4 done before a kill" in est.steps_basis
+    tcfg.learning_rate = 0.5  # other settings: the checkpoints are not resumed
+    assert estimate_training("g", "grpo", tcfg, _words(), out=out).resumed == 0

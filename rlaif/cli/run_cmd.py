@@ -234,6 +234,8 @@ def _train_lines(est: Estimate) -> list[str]:
     for t in est.train:
         mark = "" if t.exact_steps else "≤ " if t.rows_bound else "≈ "
         steps = "?" if t.steps is None else mark + f"{t.steps:,}"
+        if t.resumed:
+            steps += f" (after {t.resumed:,})"
         reward = f"{t.reward_calls:,}" if t.reward_calls else "-"
         if t.judge_requests:
             reward += f" ({t.judge_requests:,} judge requests)"

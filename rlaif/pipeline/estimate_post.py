@@ -50,7 +50,14 @@ def estimate_post(
         all_done = all_done and read_done(run_dir / "train" / step.name) is not None
         est.train.append(
             estimate_training(
-                step.name, step.trainer, tcfg, base, upstream=upstream, items=items, done=all_done
+                step.name,
+                step.trainer,
+                tcfg,
+                base,
+                upstream=upstream,
+                items=items,
+                done=all_done,
+                out=None if fresh else run_dir / "train" / step.name,
             )
         )
     ev = s.eval

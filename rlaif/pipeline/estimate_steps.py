@@ -86,7 +86,8 @@ def estimate_steps(
             if p.data and p.data not in finished:
                 up = data[p.data].exports.get(p.dataset)
             t = estimate_training(p.name, p.trainer, tcfg, base, upstream=up, items=items,
-                                  done=ok and read_done(folder) is not None)  # fmt: skip
+                                  done=ok and read_done(folder) is not None,
+                                  out=folder if ok else None)  # fmt: skip
             est = Estimate(cfg.name, folder, 0, read_done(folder) is not None, budget=cfg.budget)
             est.train = [t]
         else:

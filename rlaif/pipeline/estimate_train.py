@@ -51,6 +51,8 @@ class TrainEstimate:
         reward_calls: completions scored; ``reward`` says by what.
         judge_requests: requests to a judge model for those scores (``reward.kind: judge``).
         done: the step finished earlier (skipped on resume while its inputs are unchanged).
+        resumed: a killed run of the same settings left a complete checkpoint at this step:
+            it continues from there (steps, tokens and completions count what is left).
     """
 
     name: str
@@ -68,6 +70,7 @@ class TrainEstimate:
     reward: str = ""
     judge_requests: int = 0
     done: bool = False
+    resumed: int = 0  # the checkpoint step a killed run continues from (0: from the start)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -145,6 +148,7 @@ def estimate_training(
     upstream: RowsBound | None = None,
     items: list | None = None,
     done: bool = False,
+    out: Path | None = None,
 ) -> TrainEstimate:
     """What a training step with config ``tcfg`` will do.
 
@@ -156,13 +160,40 @@ def estimate_training(
             exist yet (None: read the data).
         items: the pipeline's prompts, which an online step on ``prompts`` samples on.
         done: the step finished earlier.
+        out: its folder, where a killed run of it left checkpoints (None: not looked for).
     """
     est = TrainEstimate(name, trainer, done=done)
     if trainer in ("sft", "dpo", "reward"):
         _offline(est, tcfg, count, upstream)
     else:
         _online(est, tcfg, count, upstream, items)
+    step = resumed_at(out, tcfg) if out is not None and not done else 0
+    if est.steps and 0 < step < est.steps:
+        left = (est.steps - step) / est.steps
+        est.resumed, est.steps = step, est.steps - step
+        est.steps_basis += f"; {step} done before a kill (resumes from its checkpoint)"
+        est.tokens = None if est.tokens is None else round(est.tokens * left)
+        est.generations = round(est.generations * left)
+        est.generated_tokens = round(est.generated_tokens * left)
+        est.reward_calls = round(est.reward_calls * left)
+        est.judge_requests = round(est.judge_requests * left)
     return est
+
+
+def resumed_at(out: Path, tcfg: Any) -> int:
+    """The step of the last complete checkpoint a killed run of ``tcfg`` left in ``out``
+    (:mod:`rlaif.train.checkpoints`), 0 when there is none of these settings."""
+    import json
+
+    from rlaif.train.checkpoints import CHECKPOINTS, RUN, STATE, complete, settings_hash
+
+    root = Path(out) / CHECKPOINTS
+    try:
+        if json.loads((root / RUN).read_text(encoding="utf-8"))["settings"] != settings_hash(tcfg):
+            return 0
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+    return next((step for step, path in reversed(complete(root)) if (path / STATE).is_file()), 0)
 
 
 def _offline(est: TrainEstimate, tcfg: Any, count: CountingModel, up: RowsBound | None) -> None:
