@@ -117,7 +117,7 @@ def _check(cfg: PipelineConfig, raw: LineDict, f: str) -> None:
     if cfg.prompts.offset < 0:
         fail("must be 0 or more", "prompts.offset")
     if not (cfg.prompts.path or cfg.prompts.dataset or cfg.prompts.data_files is not None):
-        fail("missing: the file or folder with the prompts (or prompts.dataset)", "prompts.path")
+        fail("missing: the file or folder with the prompts", "prompts.path")
     if cfg.prompts.limit is not None and cfg.prompts.limit < 1:
         fail("must be at least 1", "prompts.limit")
     try:  # a dataset by name: it exists, with that config and split (no model loads first)
