@@ -184,7 +184,7 @@ def dataset_spec(p: Any, resolve: Callable[[str], Path]) -> DatasetSpec | None:
 
     A dataset is ``prompts.dataset`` (a folder relative to the pipeline file when one is
     there, else a Hub id), ``prompts.data_files`` alone (globs relative to the pipeline
-    file), or a ``prompts.path`` folder that is not a ``save_to_disk`` folder.
+    file), or a ``prompts.path`` folder laid out as a dataset (:func:`is_dataset_repo`).
 
     Args:
         p: the :class:`~rlaif.config.schema.PromptSourceConfig`.
