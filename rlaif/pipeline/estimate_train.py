@@ -117,15 +117,14 @@ def _offline_rows(trainer: str, tcfg: Any, count: CountingModel) -> tuple[int, f
     return len(train), _mean(lengths), str(tcfg.dataset)
 
 
-def _prompts(tcfg: Any, count: CountingModel, items: list | None) -> tuple[int, float, str, bool]:
-    """(prompts, mean prompt tokens, source, bound) of an online RL step."""
+def _prompts(tcfg: Any, count: CountingModel, items: list | None) -> tuple[int, float, str]:
+    """(prompts, mean prompt tokens, source) of an online RL step; the trainer leaves out
+    those longer than ``max_length - max_completion_length``, which are counted here."""
     if tcfg.prompts:
-        path = Path(tcfg.prompts)
-        if items is None:  # the step's own prompt file, not the pipeline's
-            items, _ = read_prompts(path, field=tcfg.prompt_field, limit=tcfg.limit)
+        source = "the pipeline's prompts" if items is not None else tcfg.prompts
+        if items is None:  # the step's own prompt file
+            items, _ = read_prompts(Path(tcfg.prompts), field=tcfg.prompt_field, limit=tcfg.limit)
         convs = [it.messages() for it in items[: tcfg.limit]]
-        source = "the pipeline's prompts"
-        bound = False
     else:
         from rlaif.train.data import load_preferences
 
@@ -133,10 +132,9 @@ def _prompts(tcfg: Any, count: CountingModel, items: list | None) -> tuple[int, 
         n = len(train) if tcfg.limit is None else min(tcfg.limit, len(train))
         convs = [_messages(r["prompt"], "user") for r in train.select(range(min(SAMPLE, n)))]
         convs += [[]] * (n - len(convs))  # counted at the measured mean below
-        source, bound = str(tcfg.dataset), False
+        source = str(tcfg.dataset)
     measured = [count.count(c) for c in convs[:SAMPLE] if c]
-    # prompts longer than max_length - max_completion_length are dropped by the trainer
-    return len(convs), _mean(measured), source, bound
+    return len(convs), _mean(measured), source
 
 
 def estimate_training(
@@ -233,8 +231,8 @@ def _online(
         if prompts is not None and tcfg.limit is not None:
             prompts = min(prompts, tcfg.limit)
     else:
-        prompts, mean, source, est.rows_bound = _prompts(tcfg, count, items)
-        est.rows_basis = f"prompts of {source}"
+        prompts, mean, source = _prompts(tcfg, count, items)
+        est.rows_basis = f"prompts of {source} (less any too long for max_length)"
     est.rows = prompts
     if est.trainer == "ppo":
         est.steps, est.exact_steps = tcfg.total_steps, True
