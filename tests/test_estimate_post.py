@@ -155,6 +155,8 @@ def test_steps_form_estimates_every_step(model_dir, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "not counted" not in out and "step eval (eval):" in out and "eval judge" in out
     assert "training  trainer" in out and "reward model rm" in out
+    calls = sum(e.total.calls for e in rows.values())
+    assert f"all steps: {calls:,} model calls" in out and "3 training steps to run: 6 " in out
     assert not (tmp_path / "run").exists()
 
 

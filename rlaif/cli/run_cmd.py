@@ -70,9 +70,11 @@ def run_command(args: argparse.Namespace) -> int:
     if args.dry_run and cfg.steps:
         from rlaif.pipeline.estimate_steps import estimate_steps
 
-        for p, est in estimate_steps(cfg, out=args.out, retry_errors=args.retry_errors):
+        rows = estimate_steps(cfg, out=args.out, retry_errors=args.retry_errors)
+        for p, est in rows:
             print(f"step {p.name} ({p.trainer or p.kind}):")
             print(textwrap.indent(format_estimate(est), "  "))
+        print(_steps_total([est for _, est in rows]))
         return 0
     if args.dry_run:
         from rlaif.pipeline.estimate import estimate_pipeline
@@ -225,6 +227,22 @@ def format_estimate(est: Estimate) -> str:
         lines += ["", *_train_lines(est)]
     lines += _budget_lines(est)
     return "\n".join(lines)
+
+
+def _steps_total(ests: list[Estimate]) -> str:
+    """One line over every step of a ``steps:`` pipeline."""
+    calls = sum(e.total.calls for e in ests)
+    tokens = sum(e.total.tokens for e in ests)
+    bound = "≤ " if any(s.bounded for e in ests for s in e.stages) else ""
+    train = [t for e in ests for t in e.train if not t.done]
+    steps = sum(t.steps or 0 for t in train)
+    unknown = " (and steps not known yet)" if any(t.steps is None for t in train) else ""
+    gens = sum(t.generations for t in train)
+    return (
+        f"all steps: {calls:,} model calls still to send ({bound}{tokens:,} tokens), "
+        f"{len(train)} training steps to run: {steps:,} optimizer steps{unknown}, "
+        f"{gens:,} online-RL completions"
+    )
 
 
 def _train_lines(est: Estimate) -> list[str]:
