@@ -30,6 +30,7 @@ import os
 import random
 import re
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,6 +83,7 @@ class Resume:
         curve_rows: ``curves.jsonl`` lines written when it was saved.
         keep: complete checkpoints to keep.
         state: that checkpoint's ``rlaif_state.json``.
+        seconds: time spent writing checkpoints in this process (the cost of checkpointing).
     """
 
     out: Path
@@ -91,6 +93,7 @@ class Resume:
     curve_rows: int = 0
     keep: int = 2
     state: dict[str, Any] = dataclasses.field(default_factory=dict)
+    seconds: float = 0.0
 
     def curves(self) -> CurveLogger:
         """The run's :class:`CurveLogger`: fresh, or cut back to the checkpoint's lines."""
@@ -183,6 +186,11 @@ def trl_checkpoints(trainer: Any, resume: Resume, curves: CurveLogger) -> None:
     from transformers import TrainerCallback
 
     class AtomicCheckpoints(TrainerCallback):
+        started = 0.0
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.started = time.perf_counter()  # the save, if any, comes next
+
         def on_train_begin(self, args, state, control, **kwargs):
             if resume.path is None:
                 return
@@ -204,6 +212,7 @@ def trl_checkpoints(trainer: Any, resume: Resume, curves: CurveLogger) -> None:
             if hasattr(trainer, "_total_train_tokens"):
                 totals["tokens"] = trainer._total_train_tokens
             resume.commit(staging, state.global_step, len(curves.rows()), **totals)
+            resume.seconds += time.perf_counter() - self.started
 
     trainer.add_callback(AtomicCheckpoints())
 
@@ -280,6 +289,7 @@ def save_state(resume: Resume, step: int, model: Any, optimizer: Any, extra: dic
 
     if not is_main_process():
         return resume.root
+    started = time.perf_counter()
     staging = temp_sibling(resume.root / f"step-{step:08d}")
     staging.mkdir(parents=True)
     weights = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
@@ -287,7 +297,9 @@ def save_state(resume: Resume, step: int, model: Any, optimizer: Any, extra: dic
         {"step": step, "weights": weights, "optimizer": optimizer.state_dict(), "extra": extra},
         staging / "state.pt",
     )
-    return resume.commit(staging, step, int(extra.get("curve_rows", step)))
+    path = resume.commit(staging, step, int(extra.get("curve_rows", step)))
+    resume.seconds += time.perf_counter() - started
+    return path
 
 
 def load_state(resume: Resume, model: Any, optimizer: Any) -> dict[str, Any]:

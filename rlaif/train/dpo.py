@@ -189,6 +189,7 @@ def _train_dpo(cfg: DPOTrainConfig) -> TrainResult:
         "reference_copy": trainer.ref_model is not None,
         "steps": trainer.state.global_step,
         "resumed_from_step": resume.step,
+        "checkpoint_seconds": round(resume.seconds, 2),
         "train_loss": output.training_loss,
         "last": dict(callback.last),
     }

@@ -214,7 +214,6 @@ def _train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None, judge_backend: Any) -
         restore_rng(saved["rng"], streams, rng)
         order, history, kl_ctl.value = saved["order"], saved["history"], saved["kl_coef"]
     tracker = Tracker(cfg.report_to, out, redacted(asdict(cfg)), resume.step)
-    saving = 0.0  # seconds spent writing checkpoints
     bar = Progress(cfg.total_steps, "ppo", unit="steps", initial=resume.step, quiet=cfg.quiet)
     with bar:
         for step in range(resume.step + 1, cfg.total_steps + 1):
@@ -265,11 +264,9 @@ def _train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None, judge_backend: Any) -
             tracker.log(step, stats)
             bar.update(1, tokens=int(ro.mask.sum()))
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-                t0 = time.perf_counter()
                 state = {"rng": rng_state(streams, rng), "order": order, "history": history,
                          "kl_coef": kl_ctl.value, "curve_rows": len(history)}  # fmt: skip
                 save_state(resume, step, policy, optimizer, state)
-                saving += time.perf_counter() - t0
     tracker.close()
 
     save_model(lm, tokenizer, out)
@@ -287,7 +284,7 @@ def _train_ppo(cfg: PPOConfig, reward_fn: RewardFn | None, judge_backend: Any) -
         "reference_copy": ref_lm is not None,
         "steps": len(history),
         "resumed_from_step": resume.step,
-        "checkpoint_seconds": round(saving, 2),
+        "checkpoint_seconds": round(resume.seconds, 2),
         "reward_first": history[0]["reward_mean"],
         "reward_last": history[-1]["reward_mean"],
         "reward_first_steps_mean": sum(h["reward_mean"] for h in history[:k]) / k,
