@@ -171,6 +171,30 @@ def test_dpo_killed_mid_save_never_resumes_from_the_half_checkpoint(
     _same_run(dpo_ref, out)
 
 
+def test_dpo_killed_after_its_last_step_trains_no_step_more(
+    tmp_path, tiny_model_dir, prefs, dpo_ref, monkeypatch
+):
+    """The last step gets no checkpoint (transformers 5, resumed from a checkpoint at
+    max_steps, would train a step more): killed before the model is saved, the run resumes
+    from step 4 and ends at step 5. Saving every step changes no number (not in the hash)."""
+    from rlaif.train import dpo
+
+    out = tmp_path / "out"
+    cfg = _dpo_cfg(tiny_model_dir, prefs, out, "checkpoint_every=1")
+
+    def killed(*args: Any, **kwargs: Any) -> None:
+        raise Killed
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(dpo, "save_model", killed)
+        with pytest.raises(Killed):
+            dpo.train_dpo(cfg)
+    assert [s for s, _ in complete(out / CHECKPOINTS)] == [4]
+    result = dpo.train_dpo(cfg)
+    assert result.metrics["resumed_from_step"] == 4 and result.metrics["steps"] == 5
+    _same_run(dpo_ref, out)
+
+
 def test_changed_settings_start_from_step_0(tmp_path, tiny_model_dir, prefs):
     from rlaif.train.dpo import train_dpo
 

@@ -176,6 +176,7 @@ def _latest(resume: Resume) -> Resume:
 def trl_checkpoints(trainer: Any, resume: Resume, curves: CurveLogger) -> None:
     """Have a transformers ``Trainer`` (``output_dir`` = ``resume.root``) put each checkpoint
     into place atomically; the trainer's own rotation is off (``save_total_limit`` None).
+    The last step gets no checkpoint (a run killed after it resumes from the one before).
 
     Two running totals that transformers 5 and TRL 1.x keep outside their checkpoints are
     saved beside them and restored on resume, so the numbers read as after an uninterrupted
@@ -190,6 +191,10 @@ def trl_checkpoints(trainer: Any, resume: Resume, curves: CurveLogger) -> None:
 
         def on_step_end(self, args, state, control, **kwargs):
             self.started = time.perf_counter()  # the save, if any, comes next
+            if state.max_steps and state.global_step >= state.max_steps:
+                # No checkpoint of the last step: the model is saved next anyway, and
+                # transformers 5, resumed from a checkpoint at max_steps, trains one step more.
+                control.should_save = False
 
         def on_train_begin(self, args, state, control, **kwargs):
             if resume.path is None:
