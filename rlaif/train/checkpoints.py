@@ -286,11 +286,44 @@ def _tuples(x: Any) -> Any:
     return tuple(_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
+def _pack(value: Any, tensors: dict[str, Any]) -> Any:
+    """``value`` as JSON with its tensors moved into ``tensors`` (saved as safetensors, never
+    pickled): dicts keep their key types (an optimizer's state is keyed by int), tuples stay
+    tuples."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        key = str(len(tensors))
+        tensors[key] = value.detach().cpu().contiguous().clone()
+        return {"t": key}
+    if isinstance(value, dict):
+        return {"d": [[_pack(k, tensors), _pack(v, tensors)] for k, v in value.items()]}
+    if isinstance(value, tuple):
+        return {"u": [_pack(v, tensors) for v in value]}
+    if isinstance(value, list):
+        return [_pack(v, tensors) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"a checkpoint cannot hold a {type(value).__name__}")
+
+
+def _unpack(tree: Any, tensors: dict[str, Any]) -> Any:
+    """Undo :func:`_pack`."""
+    if isinstance(tree, list):
+        return [_unpack(v, tensors) for v in tree]
+    if isinstance(tree, dict):
+        if "t" in tree:
+            return tensors[tree["t"]]
+        if "u" in tree:
+            return tuple(_unpack(v, tensors) for v in tree["u"])
+        return {_unpack(k, tensors): _unpack(v, tensors) for k, v in tree["d"]}
+    return tree
+
+
 def save_state(resume: Resume, step: int, model: Any, optimizer: Any, extra: dict) -> Path:
     """Save a loop's checkpoint at ``step``: the trainable weights of ``model`` (LoRA adapters
     and the value head, or all weights), the optimizer, and ``extra`` (RNG states, data
     position, curve so far, ...: tensors and plain Python values)."""
-    import torch
 
     if not is_main_process():
         return resume.root
@@ -298,10 +331,15 @@ def save_state(resume: Resume, step: int, model: Any, optimizer: Any, extra: dic
     staging = temp_sibling(resume.root / f"step-{step:08d}")
     staging.mkdir(parents=True)
     weights = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
-    torch.save(
+    from safetensors.torch import save_file
+
+    tensors: dict[str, Any] = {}
+    tree = _pack(
         {"step": step, "weights": weights, "optimizer": optimizer.state_dict(), "extra": extra},
-        staging / "state.pt",
+        tensors,
     )
+    save_file(tensors, str(staging / "state.safetensors"))
+    (staging / "state.json").write_text(json.dumps(tree), encoding="utf-8")
     path = resume.commit(staging, step, int(extra.get("curve_rows", step)))
     resume.seconds += time.perf_counter() - started
     return path
@@ -313,7 +351,11 @@ def load_state(resume: Resume, model: Any, optimizer: Any) -> dict[str, Any]:
     import torch
 
     assert resume.path is not None
-    state = torch.load(resume.path / "state.pt", map_location="cpu", weights_only=True)
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(resume.path / "state.safetensors"))
+    tree = json.loads((resume.path / "state.json").read_text(encoding="utf-8"))
+    state = _unpack(tree, tensors)
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, value in state["weights"].items():
