@@ -50,6 +50,10 @@ def run_gen_step(
             done[k] = rec
     if done:
         progress.update(len(done))
+    if len(done) == len(keys):
+        # Nothing left: no call at all. Records copied from another step (samples_from) are
+        # done without being in this step's call cache; sending them would draw them again.
+        return done
 
     def save(indices: list[int], results: list[GenResult]) -> None:
         new = [(keys[i], r) for i, r in zip(indices, results, strict=True) if keys[i] not in done]
