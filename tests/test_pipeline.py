@@ -153,6 +153,18 @@ def test_sources_errors(tmp_path, content, words, line):
     assert words in str(info.value) and info.value.line == line and "bad.jsonl" in str(info.value)
 
 
+@pytest.mark.parametrize("column", ["id", "label"])
+def test_sources_refuse_a_lone_surrogate_in_the_id_or_label_column(tmp_path, column):
+    # found by the fuzz test: such an id or label was read, then failed when its record was
+    # written; it is refused at read time like one in the prompt
+    p = tmp_path / "bad.jsonl"
+    row = {"prompt": "ok", "id": "a", "label": "safe", column: "\ud800 x"}
+    p.write_text(json.dumps(row) + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match="lone surrogate") as info:
+        read_prompts(p, id_field="id", label_field="label")
+    assert info.value.field == column and info.value.line == 1
+
+
 # --- runner ----------------------------------------------------------------------------------
 
 

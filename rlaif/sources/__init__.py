@@ -280,6 +280,9 @@ def _collect(
                     f"empty id column '{id_field}'", file=file, line=line, field=id_field
                 )
             pid = str(row[id_field])
+            if _SURROGATE.search(pid):
+                raise DataError("id is not valid Unicode (a lone surrogate such as \\ud800)",
+                                file=file, line=line, field=id_field)  # fmt: skip
         else:
             pid = content_hash([list(t) for t in conversation])[:16]
         if pid in seen:
@@ -292,6 +295,9 @@ def _collect(
                 raise DataError(f"empty label column '{label_field}'", file=file, line=line,
                                 field=label_field)  # fmt: skip
             label = str(row[label_field])
+            if _SURROGATE.search(label):
+                raise DataError("label is not valid Unicode (a lone surrogate such as \\ud800)",
+                                file=file, line=line, field=label_field)  # fmt: skip
         items.append(PromptItem(id=pid, conversation=conversation, row=line, label=label))
     if not items:
         raise DataError("no prompts found", file=file, field="prompts.path")
