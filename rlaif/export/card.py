@@ -1,6 +1,7 @@
 """The dataset card (README.md with Hub front matter), its statistics, the margins plot, and
 the upload of a finished export to the Hugging Face Hub.
 
+The statistics and the plot are made in :mod:`rlaif.export.stats` (re-exported here).
 The card says what the data is, how it was made (full provenance), what was filtered and why,
 how the labels are distributed, and how to load it. It is built only from the export's
 statistics and the provenance the caller passes; secrets never reach it: keys that name a
@@ -10,13 +11,11 @@ secret are redacted and the values of secret-looking environment variables are m
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
-from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import yaml
 
@@ -28,10 +27,18 @@ from rlaif.export.filters import (
     VARIANTS,
     PreferenceExportConfig,
 )
+from rlaif.export.stats import plot_margin_values, plot_margins, summarize
 from rlaif.version import __version__
 
-if TYPE_CHECKING:
-    from rlaif.export.filters import Selection
+__all__ = [  # plot_margins and summarize moved to rlaif.export.stats; still importable here
+    "PushToHubError",
+    "plot_margin_values",
+    "plot_margins",
+    "push_to_hub",
+    "render_card",
+    "scrub",
+    "summarize",
+]
 
 TAGS = ["rlaif", "constitutional-ai", "dpo", "reward-modeling", "preference", "synthetic", "trl"]
 _SECRET_KEY = re.compile(
@@ -39,107 +46,6 @@ _SECRET_KEY = re.compile(
 )
 _SECRET_ENV = re.compile(r"TOKEN|KEY|SECRET|PASSWORD|PASSWD|AUTH|CREDENTIAL", re.I)
 _REDACTED = "(redacted)"
-
-
-# -- statistics ---------------------------------------------------------------------------------
-
-
-def _summary(values: list[float]) -> dict[str, float | int | None]:
-    """Count, min, quartiles, mean and max (rounded); None values when there are none."""
-    if not values:
-        return {k: None for k in ("min", "p25", "median", "mean", "p75", "max")} | {"count": 0}
-    v = sorted(values)
-
-    def q(f: float) -> float:  # linear interpolation, as numpy's default
-        pos = f * (len(v) - 1)
-        lo = math.floor(pos)
-        hi = min(lo + 1, len(v) - 1)
-        return v[lo] + (v[hi] - v[lo]) * (pos - lo)
-
-    out = {"min": v[0], "p25": q(0.25), "median": q(0.5), "mean": sum(v) / len(v)}
-    out |= {"p75": q(0.75), "max": v[-1]}
-    return {k: round(x, 6) for k, x in out.items()} | {"count": len(v)}
-
-
-def _rate(num: int, den: int) -> float | None:
-    return round(num / den, 6) if den else None
-
-
-def summarize(
-    sel: Selection, by_split: Mapping[str, list[dict[str, Any]]], cfg: PreferenceExportConfig
-) -> dict[str, Any]:
-    """JSON-ready statistics of one export, for the manifest and the card."""
-    rows = sel.rows
-    # The fixed reasons in pipeline order, then the upstream skip reasons alphabetically.
-    extra = sorted(k for k in sel.filtered if k not in FILTER_REASONS)
-    reasons = [k for k in [*FILTER_REASONS, *extra] if sel.filtered[k]]
-    chosen = [len(r["chosen"][0]["content"]) for r in rows]
-    rejected = [len(r["rejected"][0]["content"]) for r in rows]
-    unequal = [(c, r) for c, r in zip(chosen, rejected, strict=True) if c != r]
-    ok = [v for v in sel.verdicts if v.status == "ok"]
-    consistent = [v.position_consistent for v in ok if v.position_consistent is not None]
-    orders = sum(v.n_orders for v in ok)
-    return {
-        "inputs": sel.inputs,
-        "kept": len(rows),
-        "filtered": {k: sel.filtered[k] for k in reasons},
-        "filtered_examples": {k: sel.examples[k] for k in reasons},
-        "splits": {
-            s: {"rows": len(by_split[s]), "prompts": len({r["_prompt_key"] for r in by_split[s]})}
-            for s in SPLITS
-        },
-        "margin": _summary([r["margin"] for r in rows]),
-        "p_chosen": _summary([r["p_chosen"] for r in rows]),
-        "length": {
-            "chosen_mean_chars": round(sum(chosen) / len(rows), 2) if rows else None,
-            "rejected_mean_chars": round(sum(rejected) / len(rows), 2) if rows else None,
-            "longer_chosen_rate": _rate(sum(c > r for c, r in unequal), len(unequal)),
-            "equal_length_pairs": len(rows) - len(unequal),
-        },
-        "sources": dict(sorted(Counter(r["source"] for r in rows).items())),
-        "judge": {
-            "verdicts": len(sel.verdicts),
-            "errors": len(sel.verdicts) - len(ok),
-            "tie_rate": _rate(sum(v.winner == "tie" for v in ok), len(ok)),
-            "position_consistency": _rate(sum(consistent), len(consistent)),
-            "first_position_rate": _rate(sum(v.first_position_preferred for v in ok), orders),
-        },
-        "config": {
-            "min_confidence": cfg.min_confidence,
-            "max_length_ratio": cfg.max_length_ratio,
-            "max_pairs_per_prompt": cfg.max_pairs_per_prompt,
-            "test_size": cfg.test_size,
-            "seed": cfg.seed,
-        },
-    }
-
-
-# -- plot ---------------------------------------------------------------------------------------
-
-
-def plot_margins(rows: list[dict[str, Any]], path: str | Path) -> Path:
-    """Histograms of the kept rows' margins and p_chosen, as a PNG (Agg, no global backend)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(9, 3.4), dpi=100)
-    FigureCanvasAgg(fig)  # attaches itself; pyplot's global state is never touched
-    panels = (
-        ("margin", "margin = logit(p_chosen)", None),
-        ("p_chosen", "p_chosen (judge's soft label)", (0.5, 1.0)),
-    )
-    for i, (key, title, span) in enumerate(panels, start=1):
-        ax = fig.add_subplot(1, 2, i)
-        values = [r[key] for r in rows]
-        if values:
-            ax.hist(values, bins=20, range=span, color="#4c72b0", edgecolor="white")
-        else:
-            ax.text(0.5, 0.5, "no rows", ha="center", va="center", transform=ax.transAxes)
-        ax.set_title(title, fontsize=10)
-        ax.set_ylabel("pairs")
-    fig.tight_layout()
-    fig.savefig(str(path), format="png")
-    return Path(path)
 
 
 # -- secrets ------------------------------------------------------------------------------------

@@ -6,19 +6,24 @@ into rows and counts every record it drops under one of :data:`FILTER_REASONS`, 
 wins: skipped upstream, generation error, empty response, identical responses, judge error,
 tie, low confidence, length ratio, duplicate row, per-prompt cap. ``kept + filtered ==
 inputs`` and ``chosen != rejected`` are checked on every selection.
+
+The records are read as a stream, twice (:class:`PreferenceStream`): what is kept between the
+passes is counts and short digests, never the rows.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import math
 import re
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from rlaif.errors import ConfigError, DataError
+from rlaif.export.split import SplitRule
 from rlaif.stages.judge import TOL, Verdict
 from rlaif.stages.pairs import preference_row
 from rlaif.store import content_hash
@@ -155,14 +160,43 @@ def _int(v: Any) -> bool:
 
 
 @dataclass
+class VerdictTally:
+    """What the card says about the judge, summed over every parsed verdict (no list kept)."""
+
+    verdicts: int = 0
+    errors: int = 0
+    ok: int = 0
+    ties: int = 0
+    consistent: int = 0  # verdicts whose two orders agree
+    consistency_known: int = 0  # verdicts for which that is known
+    orders: int = 0  # presentation orders judged
+    first_position: int = 0  # orders won by the option shown first
+
+    def add(self, v: Verdict) -> None:
+        self.verdicts += 1
+        if v.status != "ok":
+            self.errors += 1
+            return
+        self.ok += 1
+        self.ties += v.winner == "tie"
+        if v.position_consistent is not None:
+            self.consistency_known += 1
+            self.consistent += bool(v.position_consistent)
+        self.orders += v.n_orders
+        self.first_position += v.first_position_preferred
+
+
+@dataclass
 class Selection:
-    """The outcome of filtering: kept rows (input order) and every filtered record's reason."""
+    """The outcome of filtering: every filtered record's reason, the judge's tallies and, from
+    :func:`select_preferences` only, the kept rows (input order)."""
 
     rows: list[dict[str, Any]] = field(default_factory=list)
     filtered: Counter[str] = field(default_factory=Counter)
     examples: dict[str, list[str]] = field(default_factory=dict)  # reason -> first 3 ids
-    verdicts: list[Verdict] = field(default_factory=list)  # every parsed verdict, for audits
+    judge: VerdictTally = field(default_factory=VerdictTally)
     inputs: int = 0
+    kept: int = 0
 
     def drop(self, reason: str, record_id: str) -> None:
         self.filtered[reason] += 1
@@ -219,7 +253,7 @@ def _classify(rec: Mapping[str, Any], cfg: PreferenceExportConfig, sel: Selectio
     rid = str(rec.get("id", "?"))
     verdict = _verdict(rec, rid)
     if verdict is not None:
-        sel.verdicts.append(verdict)
+        sel.judge.add(verdict)
     if rec.get("status") == "skipped":
         return sel.drop(upstream_reason(str(rec.get("reason") or "")), rid)
     if rec.get("status") != "ok":
@@ -260,50 +294,133 @@ def _classify(rec: Mapping[str, Any], cfg: PreferenceExportConfig, sel: Selectio
     }
 
 
+def _digest(hex_key: str) -> int:
+    """128 bits of a SHA-256 hex key: what the duplicate filter and the prompt table keep."""
+    return int(hex_key[:32], 16)
+
+
+class PreferenceStream:
+    """The kept rows of a re-iterable record source, found in two passes with small state.
+
+    Construction is the first pass: every record is classified and each drop counted (the
+    reasons of :func:`select_preferences`, same counts and examples), and the per-prompt cap
+    and the split rule are settled. :meth:`rows` is the second pass (repeatable): it reads the
+    source again and yields ``(split, row)`` for the kept rows, in input order.
+
+    What stays in memory per record: nothing. Per row that passes the filters: a 128-bit
+    digest in the duplicate filter's set (about 80 bytes in CPython, during a pass). Per
+    distinct prompt: a 128-bit digest in a dict (about 100 bytes) and, with
+    ``max_pairs_per_prompt = k``, the k + 3 best (p_chosen, index) pairs of that prompt.
+
+    Args:
+        records: judged pair records in prompt-source order; iterating it again must give the
+            same records (a list, or an object whose ``__iter__`` starts over).
+        cfg: the filters and the split.
+
+    Raises:
+        TypeError: ``records`` is a one-shot iterator (it cannot be read twice).
+        DataError: a malformed record (see :func:`select_preferences`).
+    """
+
+    def __init__(self, records: Iterable[Mapping[str, Any]], cfg: PreferenceExportConfig) -> None:
+        if isinstance(records, Iterator):
+            raise TypeError(
+                "the preference export reads its records twice: pass a list or a re-iterable "
+                "source, not a one-shot iterator or generator"
+            )
+        self.records, self.cfg = records, cfg
+        self.sel = Selection()
+        self.split = SplitRule(cfg.test_size, cfg.seed)
+        cap = cfg.max_pairs_per_prompt
+        seen: set[int] = set()
+        prompts: dict[int, list] = {}  # digest -> [rows, heap of the best (p, -index)]
+        self.unique = 0  # rows left after the duplicate filter
+        for rec in records:
+            self.sel.inputs += 1
+            row = _classify(rec, cfg, self.sel)
+            if row is None:
+                continue
+            key = _digest(row["_row_key"])
+            if key in seen:
+                self.sel.drop(DUPLICATE, row["id"])
+                continue
+            seen.add(key)
+            entry = prompts.get(pk := _digest(row["_prompt_key"]))
+            if entry is None:
+                entry = prompts[pk] = [0, []]
+                self.split.add(row["_prompt_key"])
+            entry[0] += 1
+            if cap is not None:  # the cap's k best, plus 3 for the dropped examples
+                push = heapq.heappush if len(entry[1]) < cap + 3 else heapq.heappushpop
+                push(entry[1], (row["p_chosen"], -self.unique))
+            self.unique += 1
+        del seen
+        # Per capped prompt: the worst (p, -index) kept. The cap's examples are its first
+        # three drops in the order of the in-memory rule: by prompt (first seen), then rank.
+        self._limit: dict[int, tuple[float, int]] = {}
+        self._wanted: dict[int, int] = {}  # row index -> place among the examples
+        for pk, (n, best) in prompts.items() if cap is not None else ():
+            if n <= cap:  # type: ignore[operator]
+                continue
+            ranked = sorted(best, reverse=True)
+            self._limit[pk] = ranked[cap - 1]  # type: ignore[operator]
+            self.sel.filtered[PROMPT_CAP] += n - cap  # type: ignore[operator]
+            for _, neg in ranked[cap:]:
+                if len(self._wanted) < 3:
+                    self._wanted[-neg] = len(self._wanted)
+        self.sel.kept = self.unique - self.sel.filtered[PROMPT_CAP]
+        accounted = self.sel.kept + sum(self.sel.filtered.values())
+        if accounted != self.sel.inputs:  # explicit raises: must hold under python -O too
+            raise AssertionError(f"{self.sel.inputs} records in, {accounted} accounted for")
+
+    def rows(self) -> Iterator[tuple[str, dict[str, Any]]]:
+        """``(split, row)`` for each kept row, in input order (a second pass over the source).
+
+        Raises:
+            DataError: the source gave other records than in the first pass.
+        """
+        scratch = Selection()  # the first pass counted the drops already
+        seen: set[int] = set()
+        inputs = unique = kept = 0
+        capped: list[tuple[int, str]] = []
+        for rec in self.records:
+            inputs += 1
+            row = _classify(rec, self.cfg, scratch)
+            if row is None or (key := _digest(row["_row_key"])) in seen:
+                continue
+            seen.add(key)
+            index, unique = unique, unique + 1
+            limit = self._limit.get(_digest(row["_prompt_key"]))
+            if limit is not None and (row["p_chosen"], -index) < limit:
+                if index in self._wanted:
+                    capped.append((self._wanted[index], row["id"]))
+                continue
+            if row["chosen"][0]["content"].strip() == row["rejected"][0]["content"].strip():
+                raise AssertionError(f"row {row['id']} has chosen == rejected")
+            kept += 1
+            yield self.split.of(row["_prompt_key"]), row
+        if (inputs, unique, kept) != (self.sel.inputs, self.unique, self.sel.kept):
+            raise DataError(
+                f"the records changed between the export's two passes: {self.sel.inputs} "
+                f"records and {self.sel.kept} rows, then {inputs} records and {kept} rows"
+            )
+        if capped:
+            self.sel.examples[PROMPT_CAP] = [rid for _, rid in sorted(capped)]
+
+
 def select_preferences(
     records: Iterable[Mapping[str, Any]], cfg: PreferenceExportConfig
 ) -> Selection:
     """Filter judged pair records into preference rows, accounting for every record.
 
+    The rows are kept in ``Selection.rows``: for small inputs and tests. The export streams
+    them instead (:class:`PreferenceStream`).
+
     Raises:
         DataError: a record lacks what a preference row needs (prompt messages, text
             responses, a readable verdict when its status is ok).
+        TypeError: ``records`` is a one-shot iterator.
     """
-    sel = Selection()
-    candidates = []
-    for rec in records:
-        sel.inputs += 1
-        row = _classify(rec, cfg, sel)
-        if row is not None:
-            candidates.append(row)
-    seen: set[str] = set()
-    unique = []
-    for row in candidates:
-        if row["_row_key"] in seen:
-            sel.drop(DUPLICATE, row["id"])
-        else:
-            seen.add(row["_row_key"])
-            unique.append(row)
-    keep = set(range(len(unique)))
-    if cfg.max_pairs_per_prompt is not None:
-        groups: dict[str, list[int]] = {}
-        for i, row in enumerate(unique):
-            groups.setdefault(row["_prompt_key"], []).append(i)
-        for idx in groups.values():
-            ranked = sorted(idx, key=lambda i: (-unique[i]["p_chosen"], i))
-            for i in ranked[cfg.max_pairs_per_prompt :]:
-                keep.discard(i)
-                sel.drop(PROMPT_CAP, unique[i]["id"])
-    sel.rows = [row for i, row in enumerate(unique) if i in keep]
-    _check(sel)
-    return sel
-
-
-def _check(sel: Selection) -> None:
-    # Explicit raises, not assert: these must hold under python -O too.
-    accounted = len(sel.rows) + sum(sel.filtered.values())
-    if accounted != sel.inputs:
-        raise AssertionError(f"{sel.inputs} records in, {accounted} accounted for")
-    for row in sel.rows:
-        if row["chosen"][0]["content"].strip() == row["rejected"][0]["content"].strip():
-            raise AssertionError(f"row {row['id']} has chosen == rejected")
+    stream = PreferenceStream(records, cfg)
+    stream.sel.rows = [row for _, row in stream.rows()]
+    return stream.sel

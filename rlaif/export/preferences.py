@@ -24,8 +24,9 @@ so a plain-text user who wants one adds it.
 
 Which records become rows, and the reason counted for each one that does not:
 :mod:`rlaif.export.filters`. Rows keep input order; the split is a hash of the prompt text, so
-the same input gives the same bytes, and all pairs of one prompt land in one split. Uploading a
-finished export: :func:`rlaif.export.card.push_to_hub`.
+the same input gives the same bytes, and all pairs of one prompt land in one split. Every file is
+written as a stream, row by row (:mod:`rlaif.export.writers`), so memory stays flat however many
+rows there are. Uploading a finished export: :func:`rlaif.export.card.push_to_hub`.
 """
 
 from __future__ import annotations
@@ -36,10 +37,12 @@ from pathlib import Path
 from typing import Any
 
 from rlaif.errors import StoreError
-from rlaif.export.card import plot_margins, push_to_hub, render_card, summarize
-from rlaif.export.filters import SPLITS, PreferenceExportConfig, select_preferences
-from rlaif.export.sl_cai import write_jsonl
-from rlaif.store import Manifest, content_hash
+from rlaif.export.card import push_to_hub, render_card
+from rlaif.export.filters import SPLITS, PreferenceExportConfig, PreferenceStream
+from rlaif.export.split import SplitRule
+from rlaif.export.stats import RowTally, plot_margin_values, summarize
+from rlaif.export.writers import RowSink, write_dataset_dict
+from rlaif.store import Manifest
 from rlaif.store.atomic import remove_stale, swap_in, temp_sibling
 
 META_COLUMNS = ("id", "prompt_id", "source", "p_chosen")
@@ -74,19 +77,15 @@ def render_prompt_text(messages: list[dict[str, str]]) -> str:
 def split_rows(rows: list[dict[str, Any]], test_size: float, seed: int) -> list[str]:
     """``"train"`` or ``"test"`` for each row, by a seeded hash of its prompt text.
 
-    A prompt goes to test when its hash, read as a number in [0, 1), is below ``test_size``:
-    a prompt's split never depends on the other prompts, so a grown dataset keeps its test
-    set. With two or more prompts and ``test_size > 0``, at least one prompt (the lowest hash)
-    is in test; at least one (the highest) is always in train, so a single prompt is train.
+    The rule (:class:`rlaif.export.split.SplitRule`): a prompt goes to test when its hash, read
+    as a number in [0, 1), is below ``test_size``, so a grown dataset keeps its test set. With
+    two or more prompts and ``test_size > 0``, at least one prompt (the lowest hash) is in
+    test; at least one (the highest) is always in train, so a single prompt is train.
     """
-    keys = list(dict.fromkeys(row["_prompt_key"] for row in rows))
-    u = {k: int(content_hash([seed, k])[:16], 16) / 16**16 for k in keys}
-    test = {k for k in keys if u[k] < test_size}
-    if len(keys) >= 2 and test_size > 0 and not test:
-        test.add(min(keys, key=u.__getitem__))
-    if keys and test == set(keys):  # never all test: a test split needs something trained
-        test.discard(max(keys, key=u.__getitem__))
-    return ["test" if row["_prompt_key"] in test else "train" for row in rows]
+    rule = SplitRule(test_size, seed)
+    for key in dict.fromkeys(row["_prompt_key"] for row in rows):
+        rule.add(key)
+    return [rule.of(row["_prompt_key"]) for row in rows]
 
 
 def variant_row(row: dict[str, Any], variant: str) -> dict[str, Any]:
@@ -110,39 +109,55 @@ def _features(variant: str):  # -> datasets.Features
     return datasets.Features(cols)
 
 
-# -- files --------------------------------------------------------------------------------------
+# -- files ---------------------------------------------------------------------------------------
 
 
-def _write_variant(
-    folder: Path, variant: str, splits: dict[str, list[dict]], formats: tuple[str, ...]
-) -> list[Path]:
-    import datasets
+def _sinks(staging: Path, cfg: PreferenceExportConfig) -> dict[tuple[str, str], RowSink]:
+    """A sink per (variant, split), writing every format of ``cfg``."""
+    sinks = {}
+    for variant in cfg.variants:
+        folder = staging / variant
+        folder.mkdir(parents=True)
+        for s in SPLITS:
+            sinks[variant, s] = RowSink(
+                _features(variant),
+                jsonl=folder / f"{s}.jsonl" if "jsonl" in cfg.formats else None,
+                parquet=folder / f"{s}.parquet" if "parquet" in cfg.formats else None,
+                disk=folder / "disk" / s if "disk" in cfg.formats else None,
+            )
+    return sinks
 
-    datasets.disable_progress_bars()
-    folder.mkdir(parents=True)
-    feats = _features(variant)
-    dss = {
-        s: datasets.Dataset.from_list(r, features=feats)
-        if r
-        else datasets.Dataset.from_dict({k: [] for k in feats}, features=feats)
-        for s, r in splits.items()
-    }
-    paths = []
+
+def _file_list(variant: str, formats: tuple[str, ...]) -> list[str]:
+    """The files of one variant, in the order of ``formats`` (as the manifest lists them)."""
+    files = []
     for fmt in formats:
         if fmt == "disk":
-            # An empty split needs an explicit shard: datasets 5.2 writes none by default,
-            # and load_from_disk then fails on the missing file.
-            shards = {s: 1 for s, r in splits.items() if not r}
-            datasets.DatasetDict(dss).save_to_disk(str(folder / "disk"), num_shards=shards)
-            paths.append(folder / "disk")
-        for s, rows in splits.items():
-            if fmt == "jsonl":
-                write_jsonl(rows, folder / f"{s}.jsonl")
-                paths.append(folder / f"{s}.jsonl")
-            elif fmt == "parquet":
-                dss[s].to_parquet(str(folder / f"{s}.parquet"))
-                paths.append(folder / f"{s}.parquet")
-    return paths
+            files.append(f"{variant}/disk")
+        else:
+            files += [f"{variant}/{s}.{fmt}" for s in SPLITS]
+    return files
+
+
+def _write(stream: PreferenceStream, staging: Path, cfg: PreferenceExportConfig) -> RowTally:
+    """The second pass: every kept row into the sinks of its split, and into the tally."""
+    sinks = _sinks(staging, cfg)
+    tally = RowTally()
+    try:
+        for split, row in stream.rows():
+            tally.add(row, split)
+            for variant in cfg.variants:
+                sinks[variant, split].write(variant_row(row, variant))
+        for sink in sinks.values():
+            sink.close()
+    except BaseException:
+        for sink in sinks.values():
+            sink.abort()
+        raise
+    if "disk" in cfg.formats:
+        for variant in cfg.variants:
+            write_dataset_dict(staging / variant / "disk", SPLITS)
+    return tally
 
 
 def export_preferences(
@@ -154,8 +169,14 @@ def export_preferences(
 ) -> dict[str, Any]:
     """Filter, split and write the preference datasets, card and plot; push if configured.
 
+    The records are read twice, as a stream (:class:`rlaif.export.filters.PreferenceStream`):
+    once to filter and count, once to write every file row by row
+    (:class:`rlaif.export.writers.RowSink`). Memory does not grow with the rows but for
+    digests and two floats per row (see those classes).
+
     Args:
-        records: judged pair records, in prompt-source order.
+        records: judged pair records, in prompt-source order: a list, or a source whose
+            ``__iter__`` gives the same records again each time (not a one-shot iterator).
         run_dir: the run directory; files go to ``run_dir/export/preferences``.
         cfg: filters, split and formats.
         provenance: constitution, models, template hashes, judge config, seeds, version
@@ -163,30 +184,25 @@ def export_preferences(
         manifest: its ``info["export"]["preferences"]`` gets the counts and filter reasons.
 
     Returns:
-        The statistics written to the manifest, plus ``rows`` (conversational, per split).
+        The statistics written to the manifest (``files`` and ``export_dir`` say where the
+        rows are; they are not returned).
 
     Raises:
         DataError: a malformed record. StoreError: the files cannot be written (the records
         are untouched). PushToHubError (``cfg.push_to_hub``): the upload failed; the local
-        export and ``manifest.info`` are complete.
+        export and ``manifest.info`` are complete. TypeError: a one-shot iterator of records.
     """
-    sel = select_preferences(records, cfg)
-    where = split_rows(sel.rows, cfg.test_size, cfg.seed)
-    by_split = {s: [r for r, w in zip(sel.rows, where, strict=True) if w == s] for s in SPLITS}
+    stream = PreferenceStream(records, cfg)  # the first pass: filters and counts
     out = Path(run_dir) / "export" / "preferences"
     staging = temp_sibling(out)
-    files: dict[str, list[str]] = {}
     try:
         remove_stale(out)  # leftovers of an interrupted export
         staging.mkdir(parents=True)
-        for variant in cfg.variants:
-            rows = {s: [variant_row(r, variant) for r in by_split[s]] for s in SPLITS}
-            written = _write_variant(staging / variant, variant, rows, cfg.formats)
-            files[variant] = [str(p.relative_to(staging)) for p in written]
-        stats = summarize(sel, by_split, cfg)
-        stats["files"] = files
+        tally = _write(stream, staging, cfg)
+        stats = summarize(stream.sel, tally, stream.split.counts(), cfg)
+        stats["files"] = {v: _file_list(v, cfg.formats) for v in cfg.variants}
         if cfg.plot:
-            plot_margins(sel.rows, staging / "margins.png")
+            plot_margin_values(tally.margins, tally.p_chosen, staging / "margins.png")
             stats["plot"] = "margins.png"
         card = render_card(stats, provenance, cfg)
         (staging / "README.md").write_text(card, encoding="utf-8")
@@ -204,5 +220,4 @@ def export_preferences(
     if cfg.push_to_hub:
         stats["hub"] = {"repo_id": cfg.push_to_hub, "url": None}
         stats["hub"]["url"] = push_to_hub(out, cfg.push_to_hub, private=cfg.private)
-    conversational = {s: [variant_row(r, "conversational") for r in by_split[s]] for s in SPLITS}
-    return {**stats, "rows": conversational}
+    return stats

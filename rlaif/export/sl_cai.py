@@ -6,32 +6,38 @@
 
 Rows follow the order of the prompt source, so an interrupted-and-resumed run exports the same
 bytes as an uninterrupted one. Every trace is accounted for: exported, or filtered with a reason.
+The traces are read once, as a stream, and every file is written row by row
+(:class:`rlaif.export.writers.RowSink`): memory does not grow with the number of traces.
 """
 
 from __future__ import annotations
 
-import json
 import shutil
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rlaif.errors import StoreError
+from rlaif.export.writers import RowSink, json_line
 from rlaif.store import Manifest
 from rlaif.store.atomic import remove_stale, swap_in, temp_sibling, write_atomic
 
 if TYPE_CHECKING:
     from rlaif.config.schema import ExportConfig
 
+SFT_COLUMNS = ("messages", "prompt_id")
+PAIR_COLUMNS = ("prompt", "chosen", "rejected", "prompt_id", "principle_ids")
 
-def sl_cai_rows(
-    traces: Iterable[dict[str, Any]],
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]], Counter[str]]:
-    """Build SFT rows and pair rows from trace records; returns (sft, pairs, filtered)."""
-    sft, pairs = [], []
-    filtered: Counter[str] = Counter()
+
+def iter_sl_cai_rows(
+    traces: Iterable[Mapping[str, Any] | None], filtered: Counter[str]
+) -> Iterator[tuple[str, dict[str, Any]]]:
+    """``("sft", row)`` and ``("pairs", row)`` for each trace, in order; what a trace does not
+    give is counted in ``filtered`` by reason. ``None`` entries (no trace) are skipped."""
     for t in traces:
+        if t is None:
+            continue
         if t.get("status") != "ok":
             filtered[f"generation failed: {str(t.get('reason', '')).split(':')[0]}"] += 1
             continue
@@ -39,111 +45,137 @@ def sl_cai_rows(
         if not final:
             filtered["empty revision"] += 1
             continue
-        sft.append(
+        yield (
+            "sft",
             {
                 "messages": [*t["prompt"], {"role": "assistant", "content": final}],
                 "prompt_id": t["prompt_id"],
-            }
+            },
         )
         if not initial:
             filtered["empty initial response"] += 1
         elif final == initial:
             filtered["revision identical to initial response"] += 1
         else:
-            pairs.append(
+            yield (
+                "pairs",
                 {
                     "prompt": t["prompt"],
                     "chosen": [{"role": "assistant", "content": final}],
                     "rejected": [{"role": "assistant", "content": initial}],
                     "prompt_id": t["prompt_id"],
                     "principle_ids": t.get("principle_ids", []),
-                }
+                },
             )
-    return sft, pairs, filtered
 
 
-def write_jsonl(rows: list[dict[str, Any]], path: Path) -> None:
+def sl_cai_rows(
+    traces: Iterable[Mapping[str, Any] | None],
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], Counter[str]]:
+    """Build SFT rows and pair rows from trace records; returns (sft, pairs, filtered).
+
+    Holds every row: for small inputs. The export streams them (:func:`iter_sl_cai_rows`).
+    """
+    out: dict[str, list[dict[str, Any]]] = {"sft": [], "pairs": []}
+    filtered: Counter[str] = Counter()
+    for kind, row in iter_sl_cai_rows(traces, filtered):
+        out[kind].append(row)
+    return out["sft"], out["pairs"], filtered
+
+
+def write_jsonl(rows: Iterable[Mapping[str, Any]], path: Path) -> None:
     """Replace ``path`` atomically with one JSON line per row (keys sorted, UTF-8 as is)."""
-    write_atomic(path, (json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rows))
+    write_atomic(path, (json_line(r).decode("utf-8") for r in rows))
 
 
-SFT_COLUMNS = ("messages", "prompt_id")
-PAIR_COLUMNS = ("prompt", "chosen", "rejected", "prompt_id", "principle_ids")
-
-
-def _write_dataset(
-    rows: list[dict[str, Any]], folder: Path, fmt: str, columns: tuple[str, ...]
-) -> None:
+def _features(name: str) -> Any:  # -> datasets.Features
     import datasets
 
-    datasets.disable_progress_bars()  # the run's own progress line is enough
-    if rows:
-        ds = datasets.Dataset.from_list(rows)
-    else:  # keep the columns so an empty export still loads
-        ds = datasets.Dataset.from_dict({c: [] for c in columns})
-    remove_stale(folder)
-    tmp = temp_sibling(folder)
-    try:
-        if fmt == "parquet":
-            ds.to_parquet(str(tmp))
-        else:  # one shard: datasets 5 writes no file for 0 rows otherwise
-            ds.save_to_disk(str(tmp), num_shards=1)
-        swap_in(tmp, folder)
-    finally:  # left only by a failed write: a file (parquet) or a folder
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            tmp.unlink(missing_ok=True)
+    text = datasets.Value("string")
+    msgs = datasets.List({"role": text, "content": text})
+    if name == "sft":
+        return datasets.Features({"messages": msgs, "prompt_id": text})
+    cols = {"prompt": msgs, "chosen": msgs, "rejected": msgs, "prompt_id": text}
+    return datasets.Features(cols | {"principle_ids": datasets.List(text)})
+
+
+def _final_path(out: Path, name: str, fmt: str) -> Path:
+    return out / {"jsonl": f"{name}.jsonl", "parquet": f"{name}.parquet"}.get(fmt, name)
 
 
 def export_sl_cai(
     run_dir: Path,
-    traces: list[dict[str, Any] | None],
+    traces: Iterable[Mapping[str, Any] | None],
     cfg: ExportConfig,
     manifest: Manifest,
 ) -> dict[str, Any]:
     """Write the SFT and pair datasets under ``run_dir/export`` and account for them.
 
+    Each file is written next to its final place and swapped in when every file is complete.
+
     Args:
         run_dir: the run directory.
-        traces: the critique-and-revise trace records, in prompt-source order (rows follow it).
+        traces: the critique-and-revise trace records (``None`` for none), in prompt-source
+            order (rows follow it); read once, so any iterable does.
         cfg: what to export and in which formats.
         manifest: its ``info["export"]`` gets the counts and filter reasons.
+
+    Returns:
+        ``filtered`` and ``files`` (rows and paths per dataset), and ``sft`` and ``pairs``:
+        their first ``cfg.show`` rows only (what the command line prints), never all rows.
     """
-    records = [t for t in traces if t is not None]
-    sft, pairs, filtered = sl_cai_rows(r for r in records if r is not None)
     out = Path(run_dir) / "export"
     out.mkdir(parents=True, exist_ok=True)
-    written: dict[str, Any] = {}
+    wanted = [n for n, on in (("sft", cfg.sft), ("pairs", cfg.pairs)) if on]
+    temps = {(n, f): temp_sibling(_final_path(out, n, f)) for n in wanted for f in cfg.formats}
+    sinks: dict[str, RowSink] = {}
+    filtered: Counter[str] = Counter()
+    counts = {"sft": 0, "pairs": 0}
+    preview: dict[str, list[dict[str, Any]]] = {"sft": [], "pairs": []}
     try:
-        for name, rows, wanted, columns in (
-            ("sft", sft, cfg.sft, SFT_COLUMNS),
-            ("pairs", pairs, cfg.pairs, PAIR_COLUMNS),
-        ):
-            if not wanted:
-                continue
-            paths = []
-            for fmt in cfg.formats:
-                if fmt == "jsonl":
-                    path = out / f"{name}.jsonl"
-                    write_jsonl(rows, path)
-                else:
-                    path = out / (f"{name}.parquet" if fmt == "parquet" else name)
-                    _write_dataset(rows, path, fmt, columns)
-                paths.append(str(path))
-            written[name] = {"rows": len(rows), "paths": paths}
+        for name, fmt in temps:
+            remove_stale(_final_path(out, name, fmt))  # leftovers of a killed export
+        for name in wanted:
+            sinks[name] = RowSink(
+                _features(name),
+                jsonl=temps.get((name, "jsonl")),
+                parquet=temps.get((name, "parquet")),
+                disk=temps.get((name, "disk")),
+            )
+        for kind, row in iter_sl_cai_rows(traces, filtered):
+            counts[kind] += 1
+            if len(preview[kind]) < cfg.show:
+                preview[kind].append(row)
+            if kind in sinks:
+                sinks[kind].write(row)
+        for sink in sinks.values():
+            sink.close()
+        for (name, fmt), tmp in temps.items():
+            swap_in(tmp, _final_path(out, name, fmt))
     except OSError as exc:
         raise StoreError(
             f"cannot write the export: {exc.strerror or exc}; the records are safe, "
             "re-run to export again",
             file=getattr(exc, "filename", None) or out,
         ) from None
+    finally:
+        for sink in sinks.values():
+            sink.abort()  # a no-op for closed files
+        for tmp in temps.values():  # left only by a failed export: a file or a folder
+            if tmp.is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink(missing_ok=True)
+    written = {
+        n: {"rows": counts[n], "paths": [str(_final_path(out, n, f)) for f in cfg.formats]}
+        for n in wanted
+    }
     manifest.info.setdefault("export", {}).update(
         {
-            "sft_rows": len(sft),
-            "pair_rows": len(pairs),
+            "sft_rows": counts["sft"],
+            "pair_rows": counts["pairs"],
             "filtered": dict(filtered),
             "files": written,
         }
     )
-    return {"sft": sft, "pairs": pairs, "filtered": dict(filtered), "files": written}
+    return {**preview, "filtered": dict(filtered), "files": written}
