@@ -13,9 +13,12 @@ Resume policy (``retry_errors``):
     line stays on disk as history, and every read returns the newest record for an id.
 
 Memory: runs reach ~1e6 records, and records carry model text, so records are not kept in
-memory. The store keeps an index ``id -> (shard, byte offset, status)`` packed into one int
-(roughly 150 bytes per id with the dict overhead, ~150 MB at a million records) and reads a
-record from disk with ``pread`` when asked for it.
+memory, nor is a per-record index: ``id -> (shard, byte offset, status)`` lives in
+``index.sqlite`` in the stage folder (see :mod:`rlaif.store.index`), with a capped page cache,
+and a record is read from disk with ``pread`` when asked for. Reopening a stage parses only
+the lines the index does not cover yet. Use the batch queries (:meth:`StageStore.done_many`,
+:meth:`StageStore.get_many`, :meth:`StageStore.status_many`, :meth:`StageStore.pending`)
+to pay one query per batch instead of one per id.
 """
 
 from __future__ import annotations
@@ -23,85 +26,37 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-from collections import Counter
-from collections.abc import Iterable, Iterator
+import sqlite3
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from rlaif.errors import StoreError
 from rlaif.store.atomic import fsync_dir
-from rlaif.store.hashing import CanonicalJSONError, canonical_json
-from rlaif.store.jsonl import (
-    JsonlAppender,
-    JsonlReader,
-    decode_line,
-    encode_line,
-    read_line_at,
-)
+from rlaif.store.index import CHUNK, MAX_FILE_NUMBER, Index, pack, unpack
+from rlaif.store.jsonl import JsonlAppender, decode_line, read_line_at
 from rlaif.store.lock import FileLock
+from rlaif.store.records import CODE, STATUSES, encode_record, record_problem
 
-__all__ = ["DEFAULT_SHARD_SIZE", "STATUSES", "StageStore"]
+__all__ = ["DEFAULT_SHARD_SIZE", "INDEX_NAME", "STATUSES", "StageStore"]
 
-STATUSES = ("ok", "error", "skipped")
+
 DEFAULT_SHARD_SIZE = 10_000
+INDEX_NAME = "index.sqlite"
 
-_CODE = {s: i for i, s in enumerate(STATUSES)}
-_OK, _ERROR, _SKIPPED = (_CODE[s] for s in STATUSES)
-_OFFSET_BITS = 40  # 1 TiB per shard; a 10k-record shard is nowhere near
+_ERROR = CODE["error"]
 _SHARD_RE = re.compile(r"^shard-(\d+)\.jsonl$")
 _STAGE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_ITER_CHUNK = 512  # lines checked against the index per query while streaming
+_T = TypeVar("_T")
 
 
-def _pack(shard: int, offset: int, code: int) -> int:
-    return (((shard << _OFFSET_BITS) | offset) << 2) | code
+class _Mismatch(Exception):
+    """The index pointed at a line that is not the id's record (a damaged index)."""
 
 
-def _unpack(value: int) -> tuple[int, int, int]:
-    code = value & 3
-    rest = value >> 2
-    return rest >> _OFFSET_BITS, rest & ((1 << _OFFSET_BITS) - 1), code
-
-
-def _record_problem(value: Any) -> str | None:
-    """Why a parsed line is not a record (``None`` if it is one)."""
-    if not isinstance(value, dict):
-        return f"expected a JSON object, got {type(value).__name__}"
-    rid = value.get("id")
-    if not isinstance(rid, str) or not rid:
-        return "record has no string 'id'"
-    if value.get("status") not in _CODE:
-        return f"record {rid} has status {value.get('status')!r}, expected one of {STATUSES}"
-    return None
-
-
-def _encode(record: Any, position: int) -> tuple[str, int, bytes]:
-    """Validate one record for writing; return ``(id, status code, line bytes)``."""
-    where = f"record #{position}"
-    if not isinstance(record, dict):
-        raise StoreError(f"{where}: expected a dict, got {type(record).__name__}")
-    rid = record.get("id")
-    if not isinstance(rid, str) or not rid:
-        raise StoreError(f"{where}: needs a non-empty string id", field="id")
-    if record.get("status") not in _CODE:
-        raise StoreError(
-            f"{where} ({rid}): status {record.get('status')!r} is not one of {STATUSES}",
-            field="status",
-        )
-    rid, status = record["id"], record["status"]
-    if status != "ok":
-        reason = record.get("reason")
-        if not isinstance(reason, str) or not reason.strip():
-            # Every input must be accountable: a non-ok record without a reason is not.
-            raise StoreError(f"{where} ({rid}): status '{status}' needs a reason", field="reason")
-    try:
-        data = encode_line(record)
-    except (ValueError, TypeError) as exc:
-        try:
-            canonical_json(record)  # re-walk to name the offending path
-        except CanonicalJSONError as located:
-            raise StoreError(f"record {rid}: {located.message}") from exc
-        raise StoreError(f"record {rid} cannot be written as JSON: {exc}") from exc
-    return rid, _CODE[status], data
+def _key(record: dict[str, Any]) -> tuple[str, int]:
+    return record["id"], CODE[record["status"]]
 
 
 class StageStore:
@@ -112,9 +67,9 @@ class StageStore:
         stage: stage name (letters, digits, ``_ . -``); it names the folder.
         shard_size: records per shard file before rolling to the next one.
         retry_errors: whether ``error`` records are redone on resume (see module docs).
-        readonly: open for reading only: nothing is created, repaired, locked or written.
-            Use it to read a stage while another process (or object) writes it; it sees the
-            records committed when it was loaded (call :meth:`load` to refresh).
+        readonly: open for reading only: no shard is created, repaired, locked or written, nor
+            the index. Use it to read a stage while another process (or object) writes it; it
+            sees the records committed when it was loaded (call :meth:`load` to refresh).
 
     A store object is not thread-safe; one thread appends (one process, via the stage lock).
 
@@ -141,8 +96,11 @@ class StageStore:
         self.shard_size = shard_size
         self.retry_errors = retry_errors
         self.readonly = readonly
-        self._index: dict[str, int] = {}
+        self._ix: Index | None = None
+        self._stale = False  # an index write failed: recover from the JSONL before use
         self._shards: list[Path] = []
+        self._nums: list[int] = []  # shard numbers (from the file names), in order
+        self._pos: dict[int, int] = {}  # shard number -> position in _shards
         self._ends: list[int] = []  # bytes of committed lines per shard
         self._last_lines = 0  # lines (all versions) in the last shard, for rolling
         self._writer: JsonlAppender | None = None
@@ -163,35 +121,71 @@ class StageStore:
 
     # -- reading the disk ---------------------------------------------------------------
 
-    def _shard_files(self) -> list[Path]:
+    def _shard_files(self) -> list[tuple[int, Path]]:
         if not self.path.is_dir():
             return []
         found = []
         for p in self.path.iterdir():
             m = _SHARD_RE.match(p.name)
             if m:
+                if int(m.group(1)) > MAX_FILE_NUMBER:
+                    raise StoreError("shard number too large", file=p)
                 found.append((int(m.group(1)), p))
-        return [p for _, p in sorted(found)]
+        return sorted(found)
 
     def load(self) -> None:
-        """(Re)read all shards and rebuild the index, repairing a torn last line."""
+        """(Re)open the index and index what it does not cover yet, repairing a torn last line.
+
+        A missing, stale or unreadable index is rebuilt from the shards (one log line).
+        """
         self._close_files()
-        self._index.clear()
-        self._shards = self._shard_files()
-        self._ends = []
-        self._last_lines = 0
-        for i, shard in enumerate(self._shards):
-            last = i == len(self._shards) - 1
-            # Only the last shard can hold an unfinished batch: a shard is fsynced before the
-            # next one is created, so a torn line anywhere else is corruption.
-            tail = ("ignore" if self.readonly else "repair") if last else "error"
-            reader = JsonlReader(shard, tail=tail, validate=_record_problem)
-            for offset, record in reader:
-                # Newest line wins; append() only ever writes lines that may supersede.
-                self._index[record["id"]] = _pack(i, offset, _CODE[record["status"]])
-            self._ends.append(reader.end)
-            if last:
+        found = self._shard_files()
+        self._nums = [n for n, _ in found]
+        self._shards = [p for _, p in found]
+        self._pos = {n: i for i, n in enumerate(self._nums)}
+        self._attach(self.readonly)
+
+    def _attach(self, readonly: bool, reason: str | None = None) -> None:
+        """Open the index (rebuilt when unusable or ``reason`` says so), then index every
+        shard's lines beyond its coverage and note the committed ends."""
+        if self._ix is not None:
+            self._ix.close()
+        ix = self._ix = Index(self.path / INDEX_NAME, "stage", readonly=readonly)
+        try:
+            files = dict(zip(self._nums, self._shards, strict=True))
+            reason = reason or ix.open() or ix.stale(files)
+            if reason is not None:
+                ix.reset(reason, quiet=not self._shards)
+            self._ends, self._last_lines = [], 0
+            for i, (n, shard) in enumerate(files.items()):
+                last = i == len(files) - 1
+                # Only the last shard can hold an unfinished batch: a shard is fsynced before
+                # the next one is created, so a torn line anywhere else is corruption.
+                tail = ("ignore" if readonly else "repair") if last else "error"
+                reader = ix.catch_up(
+                    n, shard, tail=tail, validate=record_problem, key=_key, newest=True
+                )
+                self._ends.append(reader.end)
                 self._last_lines = reader.lines
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot use the index: {exc}", file=self.path / INDEX_NAME) from exc
+        self._stale = False
+
+    def _q(self, fn: Callable[[Index], _T]) -> _T:
+        """Run an index query; a damaged index is rebuilt from the shards and asked again."""
+        if self._ix is None:  # closed: queries still work, on a read-only view
+            self._attach(True)
+        if self._stale:
+            self._attach(self.readonly, "behind after a failed index write")
+        assert self._ix is not None
+        try:
+            return fn(self._ix)
+        except (sqlite3.DatabaseError, _Mismatch) as exc:
+            self._attach(self.readonly, f"unreadable: {exc}")
+            try:
+                return fn(self._ix)
+            except _Mismatch as again:
+                raise StoreError(f"shard does not match its rebuilt index: {again}") from again
 
     def _read_fd(self, shard: int) -> int:
         fd = self._read_fds.get(shard)
@@ -200,82 +194,152 @@ class StageStore:
             self._read_fds[shard] = fd
         return fd
 
+    def _read(self, rid: str, loc: int) -> dict[str, Any]:
+        number, offset, _ = unpack(loc)
+        try:
+            raw = read_line_at(self._read_fd(self._pos[number]), offset)
+            record = decode_line(raw)
+        except (KeyError, ValueError) as exc:
+            raise _Mismatch(f"no record of {rid} at shard {number} byte {offset}") from exc
+        if not isinstance(record, dict) or record.get("id") != rid:
+            raise _Mismatch(f"no record of {rid} at shard {number} byte {offset}")
+        return record
+
     # -- queries ------------------------------------------------------------------------
 
     def _done(self, code: int) -> bool:
         return code != _ERROR or not self.retry_errors
 
+    def _loc(self, rid: object) -> int | None:
+        if not isinstance(rid, str):
+            return None
+        return self._q(lambda ix: ix.loc(rid))
+
     def __len__(self) -> int:
-        """Number of distinct ids with a record (any status)."""
-        return len(self._index)
+        """Number of distinct ids with a record (any status); kept in the index, not counted."""
+        return sum(self._q(lambda ix: ix.counts()))
 
     def __contains__(self, rid: object) -> bool:
         """Whether ``rid`` has a record of any status (see :meth:`is_done` for resume)."""
-        return rid in self._index
+        return self._loc(rid) is not None
 
     def status_of(self, rid: str) -> str | None:
         """Status of the newest record for ``rid``, or ``None``."""
-        value = self._index.get(rid)
-        return None if value is None else STATUSES[value & 3]
+        loc = self._loc(rid)
+        return None if loc is None else STATUSES[loc & 3]
 
     def is_done(self, rid: str) -> bool:
         """Whether ``rid`` needs no more work under the resume policy."""
-        value = self._index.get(rid)
-        return value is not None and self._done(value & 3)
+        loc = self._loc(rid)
+        return loc is not None and self._done(loc & 3)
+
+    def status_many(self, ids: Iterable[str]) -> dict[str, str]:
+        """``id -> status`` of the newest record, for the ids that have one (one query per
+        :data:`~rlaif.store.index.CHUNK` ids)."""
+        ids = list(ids)
+        return {rid: STATUSES[loc & 3] for rid, loc in self._q(lambda ix: ix.locs(ids)).items()}
+
+    def done_many(self, ids: Iterable[str]) -> set[str]:
+        """The ids among ``ids`` that need no more work (batch form of :meth:`is_done`)."""
+        ids = list(ids)
+        return {rid for rid, loc in self._q(lambda ix: ix.locs(ids)).items() if self._done(loc & 3)}
 
     def done_ids(self) -> set[str]:
         """Ids that need no more work: ok / skipped, plus error when ``retry_errors=False``."""
-        return {rid for rid, value in self._index.items() if self._done(value & 3)}
+        return self._q(lambda ix: {rid for rid, loc in ix.scan() if self._done(loc & 3)})
 
     def pending(self, ids: Iterable[str]) -> list[str]:
         """The ids from ``ids`` that still need work, in order, without repeats."""
         seen: set[str] = set()
-        out = []
+        out: list[str] = []
+        chunk: list[str] = []
+
+        def flush() -> None:
+            done = self.done_many(chunk)
+            for rid in chunk:
+                if rid not in seen and rid not in done:
+                    seen.add(rid)
+                    out.append(rid)
+            chunk.clear()
+
         for rid in ids:
-            if rid not in seen and not self.is_done(rid):
-                seen.add(rid)
-                out.append(rid)
+            chunk.append(rid)
+            if len(chunk) >= CHUNK * 8:
+                flush()
+        flush()
         return out
 
     def counts(self) -> dict[str, int]:
-        """Number of ids per status of their newest record."""
-        c = Counter(value & 3 for value in self._index.values())
-        return {s: c.get(_CODE[s], 0) for s in STATUSES}
+        """Number of ids per status of their newest record (counters kept in the index)."""
+        c = self._q(lambda ix: ix.counts())
+        return {s: c[CODE[s]] for s in STATUSES}
 
     def get(self, rid: str) -> dict[str, Any] | None:
         """The newest record for ``rid``, read from disk, or ``None``."""
-        value = self._index.get(rid)
-        if value is None:
-            return None
-        shard, offset, _ = _unpack(value)
-        return decode_line(read_line_at(self._read_fd(shard), offset))
+
+        def fetch(ix: Index) -> dict[str, Any] | None:
+            loc = ix.loc(rid)
+            return None if loc is None else self._read(rid, loc)
+
+        return self._q(fetch)
+
+    def get_many(self, ids: Iterable[str], *, done_only: bool = False) -> dict[str, dict[str, Any]]:
+        """``id -> newest record`` for the ids among ``ids`` that have one.
+
+        One index query per :data:`~rlaif.store.index.CHUNK` ids; records are read in file
+        order. With ``done_only``, only records that need no more work (``is_done``).
+        """
+        ids = list(ids)
+
+        def fetch(ix: Index) -> dict[str, dict[str, Any]]:
+            locs = ix.locs(ids)
+            want = sorted(
+                (loc, rid) for rid, loc in locs.items() if not done_only or self._done(loc & 3)
+            )
+            found = {rid: self._read(rid, loc) for loc, rid in want}
+            return {rid: found[rid] for rid in dict.fromkeys(ids) if rid in found}
+
+        return self._q(fetch)
 
     def iter_records(
         self, *, status: str | None = None, all_versions: bool = False
     ) -> Iterator[dict[str, Any]]:
-        """Records in file order (shard by shard, line by line).
+        """Records in file order (shard by shard, line by line), streamed from disk.
 
         Args:
             status: only records with this status.
             all_versions: also yield superseded records (history), not just the newest.
         """
-        if status is not None and status not in _CODE:
+        if status is not None and status not in CODE:
             raise StoreError(f"unknown status {status!r}, expected one of {STATUSES}")
         for i, shard in enumerate(self._shards):
-            end = self._ends[i]
+            end, number = self._ends[i], self._nums[i]
             offset = 0
+            chunk: list[tuple[int, dict[str, Any]]] = []
             with open(shard, "rb") as fh:
                 for raw in fh:
                     if offset >= end:
                         break  # lines past the end were not committed when we loaded
                     record = decode_line(raw)
-                    code = _CODE[record["status"]]
                     here = offset
                     offset += len(raw)
                     if status is not None and record["status"] != status:
                         continue
-                    if all_versions or self._index.get(record["id"]) == _pack(i, here, code):
+                    if all_versions:
                         yield record
+                        continue
+                    chunk.append((pack(number, here, CODE[record["status"]]), record))
+                    if len(chunk) >= _ITER_CHUNK:
+                        yield from self._newest(chunk)
+                        chunk = []
+            yield from self._newest(chunk)
+
+    def _newest(self, chunk: list[tuple[int, dict[str, Any]]]) -> list[dict[str, Any]]:
+        """The records of ``chunk`` (location, record) that are their id's newest."""
+        if not chunk:
+            return []
+        locs = self._q(lambda ix: ix.locs(r["id"] for _, r in chunk))
+        return [r for loc, r in chunk if locs.get(r["id"]) == loc]
 
     # -- writing ------------------------------------------------------------------------
 
@@ -284,7 +348,7 @@ class StageStore:
 
         Records whose id is already done are dropped (see the module's resume policy), as
         are repeats of an id within the batch. The whole batch is validated before anything
-        is written.
+        is written. The index is updated after the fsync (one transaction per shard touched).
 
         Args:
             records: dicts with a string ``id``, ``status`` in ``ok|error|skipped`` and, unless
@@ -300,12 +364,15 @@ class StageStore:
         """
         if self.readonly:
             raise StoreError(f"stage '{self.stage}' was opened read-only", file=self.path)
+        encoded = [encode_record(record, position) for position, record in enumerate(records)]
+        prior = self._q(lambda ix: ix.locs(rid for rid, _, _ in encoded))
         batch: list[tuple[str, int, bytes]] = []
         accepted: dict[str, int] = {}
-        for position, record in enumerate(records):
-            rid, code, data = _encode(record, position)
-            prior = accepted.get(rid, self._index.get(rid))
-            if prior is not None and self._done(prior & 3):
+        for rid, code, data in encoded:
+            before = accepted.get(rid)
+            if before is None and rid in prior:
+                before = prior[rid] & 3
+            if before is not None and self._done(before):
                 continue
             accepted[rid] = code
             batch.append((rid, code, data))
@@ -315,15 +382,29 @@ class StageStore:
                 self._open_writer()
             take = min(len(batch) - written, self.shard_size - self._last_lines)
             part = batch[written : written + take]
-            assert self._writer is not None
+            assert self._writer is not None and self._ix is not None
             offset = self._writer.append(b"".join(data for _, _, data in part))
             shard = len(self._shards) - 1
+            number = self._nums[shard]
+            entries = []
             for rid, code, data in part:
-                self._index[rid] = _pack(shard, offset, code)
+                entries.append((rid, pack(number, offset, code)))
                 offset += len(data)
             self._ends[shard] = offset
             self._last_lines += take
             written += take
+            try:
+                with self._ix.writing():
+                    self._ix.apply(entries, newest=True)
+                    self._ix.set_coverage(number, self._shards[shard], offset, self._last_lines)
+            except (sqlite3.Error, OSError) as exc:
+                # The lines are durable; the index catches up from them before the next use.
+                self._stale = True
+                raise StoreError(
+                    f"records were written but the index could not be updated ({exc}); "
+                    "they are kept and indexed on the next use",
+                    file=self.path / INDEX_NAME,
+                ) from exc
         return written
 
     def _open_writer(self) -> None:
@@ -332,15 +413,15 @@ class StageStore:
             self._writer = None
         new = not self._shards or self._last_lines >= self.shard_size
         if new:
-            number = 0
-            if self._shards:
-                number = int(_SHARD_RE.match(self._shards[-1].name).group(1)) + 1
+            number = self._nums[-1] + 1 if self._nums else 0
             path = self.path / f"shard-{number:05d}.jsonl"
         else:
-            path = self._shards[-1]
+            number, path = self._nums[-1], self._shards[-1]
         writer = JsonlAppender(path)  # may raise (e.g. ENOSPC); state is untouched then
         if new:
             self._shards.append(path)
+            self._nums.append(number)
+            self._pos[number] = len(self._shards) - 1
             self._ends.append(0)
             self._last_lines = 0
         elif writer.size != self._ends[-1]:
@@ -366,8 +447,11 @@ class StageStore:
         self._read_fds.clear()
 
     def close(self) -> None:
-        """Close files and release the stage lock (idempotent)."""
+        """Close files and the index, and release the stage lock (idempotent)."""
         self._close_files()
+        if self._ix is not None:
+            self._ix.close()
+            self._ix = None
         if self._lock is not None:
             self._lock.release()
 
@@ -381,6 +465,8 @@ class StageStore:
         # Best effort for stores never closed; the lock's own __del__ frees the lock.
         with contextlib.suppress(Exception):
             self._close_files()
+            if self._ix is not None:
+                self._ix.close()
 
     def __repr__(self) -> str:
         return f"StageStore({str(self.run_dir)!r}, {self.stage!r}, records={len(self)})"
