@@ -14,7 +14,9 @@ shared partial also changes the hash, and with it every cache key built on it.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
+import stat
 import threading
 import traceback
 from dataclasses import dataclass
@@ -65,6 +67,10 @@ class _Entry:
     hash: str
     files: dict[str, Path]  # every file name in the snapshot -> the file it was read from
     stamps: dict[Path, tuple[int, int]]  # file -> (mtime_ns, size) when it was read
+    # Every path whose change could change what the lookup finds (see ``PromptBook._probe``)
+    # and their ``lstat`` signatures when the entry was last found fresh; None: always check.
+    probe_paths: tuple[str, ...] = ()
+    probe: tuple[tuple[int, ...] | None, ...] | None = None
 
 
 class PromptBook:
@@ -146,13 +152,56 @@ class PromptBook:
 
     def _entry(self, name: str) -> _Entry:
         """The compiled template for ``name``, reloaded when any of its files changed."""
+        with self._lock:
+            entry = self._entries.get(name)
+            # Fast path: one lstat per path the lookup depends on (usually one). Unchanged
+            # signatures mean the full lookup below would find the same files unchanged.
+            if entry and entry.probe is not None and self._probe(entry.probe_paths) == entry.probe:
+                return entry
         path = self.source_path(name)
         with self._lock:
             entry = self._entries.get(name)
             if entry is None or entry.path != path or not self._fresh(entry):
                 entry = self._load(name, path)
                 self._entries[name] = entry
+            # Signatures first, then the full check: a file changed in between is seen as
+            # stale (probe None) rather than recorded as fresh.
+            probe = self._probe(entry.probe_paths)
+            entry.probe = probe if probe is not None and self._fresh(entry) else None
             return entry
+
+    def _probe_paths(self, files: dict[str, Path]) -> tuple[str, ...]:
+        """The paths whose ``lstat`` decides where ``files`` are found: each file's path in
+        every folder up to the one it was found in, with the sub-folders on the way."""
+        paths: list[str] = []
+        for filename, found in files.items():
+            segments = filename.split("/")
+            for folder in self._folders:
+                current = str(folder)
+                for segment in segments:
+                    current = os.path.join(current, segment)
+                    paths.append(current)
+                if folder.joinpath(*segments) == found:
+                    break
+        return tuple(paths)
+
+    @staticmethod
+    def _probe(paths: tuple[str, ...]) -> tuple[tuple[int, ...] | None, ...] | None:
+        """``lstat`` signatures of ``paths`` (None for a missing one); None when one is a
+        symlink, whose target can change without its own ``lstat`` changing."""
+        out: list[tuple[int, ...] | None] = []
+        for path in paths:
+            try:
+                st = os.lstat(path)
+            except OSError:
+                out.append(None)
+                continue
+            if stat.S_ISLNK(st.st_mode):
+                return None
+            out.append(
+                (st.st_mode, st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+            )
+        return tuple(out)
 
     def _fresh(self, entry: _Entry) -> bool:
         for filename, path in entry.files.items():
@@ -209,7 +258,7 @@ class PromptBook:
                 f"template '{name}': {exc.message}", file=exc.filename or path, line=exc.lineno
             ) from exc
         files = {filename: file for filename, (_, file) in sources.items()}
-        return _Entry(path, template, digest.hexdigest(), files, stamps)
+        return _Entry(path, template, digest.hexdigest(), files, stamps, self._probe_paths(files))
 
     def _resolve_ref(self, name: str, file: Path, node: nodes.Node) -> tuple[str, Path]:
         """Check one ``include`` / ``import`` / ``extends`` target; return its name and file."""
