@@ -42,7 +42,8 @@ import math
 import random
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from rlaif.backends.base import ChoiceScores, Conversation, SamplingParams, shared_prefix
@@ -51,7 +52,7 @@ from rlaif.config.schema import JudgeStageConfig
 from rlaif.constitution import Constitution, Principle
 from rlaif.errors import ConfigError, RlaifError
 from rlaif.prompts import PromptBook
-from rlaif.store import content_hash
+from rlaif.store.hashing import content_hash, plain_fields
 
 MODES = ("logprob", "reasoning")
 TEMPLATES = {"logprob": "judge_mc", "reasoning": "judge_cot"}
@@ -130,7 +131,11 @@ class JudgeConfig:
                 raise ConfigError(f"judge {name} {why}, got {getattr(self, name)!r}", field=name)
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
+        return plain_fields(self._dict)  # a copy: every judge record's id hashes one
+
+    @cached_property
+    def _dict(self) -> dict[str, Any]:  # built once: the config is frozen
+        d = plain_fields(self)
         d.update(band=list(self.band), options=list(self.options), sampling=self.sampling.to_dict())
         if not self.option_prior:  # an uncalibrated judge keeps the ids of its records
             del d["option_prior"]
@@ -208,7 +213,7 @@ class Verdict:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON data; never NaN or infinity (the store rejects them)."""
-        return asdict(self)
+        return plain_fields(self)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Verdict:
