@@ -308,9 +308,10 @@ class PreferenceStream:
     source again and yields ``(split, row)`` for the kept rows, in input order.
 
     What stays in memory per record: nothing. Per row that passes the filters: a 128-bit
-    digest in the duplicate filter's set (about 80 bytes in CPython, during a pass). Per
-    distinct prompt: a 128-bit digest in a dict (about 100 bytes) and, with
-    ``max_pairs_per_prompt = k``, the k + 3 best (p_chosen, index) pairs of that prompt.
+    digest in the duplicate filter's set (about 100 bytes in CPython, during a pass). Per
+    distinct prompt, during the first pass: a 128-bit digest in a set (about 100 bytes) and,
+    with ``max_pairs_per_prompt = k``, a count and the k + 3 best (p_chosen, index) pairs of
+    the prompt (about 250 + 80 k bytes), of which one pair stays for the second pass.
 
     Args:
         records: judged pair records in prompt-source order; iterating it again must give the
@@ -332,8 +333,9 @@ class PreferenceStream:
         self.sel = Selection()
         self.split = SplitRule(cfg.test_size, cfg.seed)
         cap = cfg.max_pairs_per_prompt
-        seen: set[int] = set()
-        prompts: dict[int, list] = {}  # digest -> [rows, heap of the best (p, -index)]
+        seen: set[int] = set()  # row digests
+        prompts: set[int] = set()  # prompt digests
+        best: dict[int, list] = {}  # with a cap: prompt -> [rows, heap of the best (p, -index)]
         self.unique = 0  # rows left after the duplicate filter
         for rec in records:
             self.sel.inputs += 1
@@ -345,24 +347,27 @@ class PreferenceStream:
                 self.sel.drop(DUPLICATE, row["id"])
                 continue
             seen.add(key)
-            entry = prompts.get(pk := _digest(row["_prompt_key"]))
-            if entry is None:
-                entry = prompts[pk] = [0, []]
+            pk = _digest(row["_prompt_key"])
+            if pk not in prompts:
+                prompts.add(pk)
                 self.split.add(row["_prompt_key"])
-            entry[0] += 1
             if cap is not None:  # the cap's k best, plus 3 for the dropped examples
+                entry = best.get(pk)
+                if entry is None:
+                    entry = best[pk] = [0, []]
+                entry[0] += 1
                 push = heapq.heappush if len(entry[1]) < cap + 3 else heapq.heappushpop
                 push(entry[1], (row["p_chosen"], -self.unique))
             self.unique += 1
-        del seen
+        del seen, prompts
         # Per capped prompt: the worst (p, -index) kept. The cap's examples are its first
         # three drops in the order of the in-memory rule: by prompt (first seen), then rank.
         self._limit: dict[int, tuple[float, int]] = {}
         self._wanted: dict[int, int] = {}  # row index -> place among the examples
-        for pk, (n, best) in prompts.items() if cap is not None else ():
+        for pk, (n, heap) in best.items():
             if n <= cap:  # type: ignore[operator]
                 continue
-            ranked = sorted(best, reverse=True)
+            ranked = sorted(heap, reverse=True)
             self._limit[pk] = ranked[cap - 1]  # type: ignore[operator]
             self.sel.filtered[PROMPT_CAP] += n - cap  # type: ignore[operator]
             for _, neg in ranked[cap:]:

@@ -112,20 +112,18 @@ def _features(variant: str):  # -> datasets.Features
 # -- files ---------------------------------------------------------------------------------------
 
 
-def _sinks(staging: Path, cfg: PreferenceExportConfig) -> dict[tuple[str, str], RowSink]:
-    """A sink per (variant, split), writing every format of ``cfg``."""
-    sinks = {}
-    for variant in cfg.variants:
-        folder = staging / variant
-        folder.mkdir(parents=True)
-        for s in SPLITS:
-            sinks[variant, s] = RowSink(
-                _features(variant),
-                jsonl=folder / f"{s}.jsonl" if "jsonl" in cfg.formats else None,
-                parquet=folder / f"{s}.parquet" if "parquet" in cfg.formats else None,
-                disk=folder / "disk" / s if "disk" in cfg.formats else None,
-            )
-    return sinks
+def _write_variant(folder: Path, variant: str, formats: tuple[str, ...]) -> dict[str, RowSink]:
+    """Open the files of one variant for writing: a sink per split, in each of ``formats``."""
+    folder.mkdir(parents=True)
+    return {
+        s: RowSink(
+            _features(variant),
+            jsonl=folder / f"{s}.jsonl" if "jsonl" in formats else None,
+            parquet=folder / f"{s}.parquet" if "parquet" in formats else None,
+            disk=folder / "disk" / s if "disk" in formats else None,
+        )
+        for s in SPLITS
+    }
 
 
 def _file_list(variant: str, formats: tuple[str, ...]) -> list[str]:
@@ -141,9 +139,12 @@ def _file_list(variant: str, formats: tuple[str, ...]) -> list[str]:
 
 def _write(stream: PreferenceStream, staging: Path, cfg: PreferenceExportConfig) -> RowTally:
     """The second pass: every kept row into the sinks of its split, and into the tally."""
-    sinks = _sinks(staging, cfg)
+    sinks: dict[tuple[str, str], RowSink] = {}
     tally = RowTally()
     try:
+        for variant in cfg.variants:
+            for s, sink in _write_variant(staging / variant, variant, cfg.formats).items():
+                sinks[variant, s] = sink
         for split, row in stream.rows():
             tally.add(row, split)
             for variant in cfg.variants:
