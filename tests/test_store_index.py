@@ -203,7 +203,7 @@ def test_a_failed_index_write_keeps_the_records_and_catches_up(tmp_path, monkeyp
     store.append([ok("a")])
     real = index_mod.Index.apply
 
-    def broken(self, entries, *, newest):
+    def broken(self, *args, **kwargs):
         raise index_mod.sqlite3.OperationalError("disk I/O error")
 
     monkeypatch.setattr(index_mod.Index, "apply", broken)
@@ -215,6 +215,36 @@ def test_a_failed_index_write_keeps_the_records_and_catches_up(tmp_path, monkeyp
     store.close()
     shard = stage_dir(tmp_path) / "shard-00000.jsonl"
     assert [json.loads(x)["id"] for x in shard.read_text().splitlines()] == ["a", "b", "c", "c"]
+
+
+def test_a_buffer_that_cannot_be_written_is_caught_up_later(tmp_path, monkeypatch, caplog):
+    """The only writer of a stage buffers index rows; when writing them fails (full disk),
+    the records stay, the store keeps answering, and the next open catches up."""
+    monkeypatch.setattr(index_mod, "FLUSH", 3)
+    real = index_mod.Index.flush
+
+    def broken(self):
+        if self.buffered and self._pending:
+            raise index_mod.sqlite3.OperationalError("database or disk is full")
+        real(self)
+
+    store = StageStore(tmp_path, "s")
+    store.append([ok("a")])
+    monkeypatch.setattr(index_mod.Index, "flush", broken)
+    with pytest.raises(StoreError, match="disk is full"):
+        store.append([ok("b"), ok("c"), err("d")])
+    monkeypatch.setattr(index_mod.Index, "flush", real)  # space was freed
+    assert store.append([ok("b"), ok("e")]) == 1  # b, c, d were written and are known
+    assert store.counts() == {"ok": 4, "error": 1, "skipped": 0}
+    store.append([ok("f")])
+    monkeypatch.setattr(index_mod.Index, "flush", broken)
+    with caplog.at_level(logging.WARNING, logger="rlaif.store"):
+        store.close()  # the buffer cannot be written: one warning, nothing raised
+    assert any("caught up at the next open" in r.getMessage() for r in caplog.records)
+    monkeypatch.setattr(index_mod.Index, "flush", real)
+    with StageStore(tmp_path, "s") as again:
+        assert again.counts() == {"ok": 5, "error": 1, "skipped": 0}
+        assert again.append([ok("f"), ok("d")]) == 1
 
 
 # -- semantics against the reference ------------------------------------------------------------

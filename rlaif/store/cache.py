@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 from rlaif.errors import StoreError
 from rlaif.store.atomic import fsync_dir
 from rlaif.store.hashing import CanonicalJSONError, canonical_json
-from rlaif.store.index import Index, TailReader, pack, unpack
+from rlaif.store.index import Index, pack, unpack
 from rlaif.store.jsonl import JsonlAppender, decode_line, encode_line, read_line_at
 
 __all__ = ["CallCache"]
@@ -93,9 +93,10 @@ class CallCache:
             with self._flocked():
                 self._sync(None)
 
-    def _sync(self, reason: str | None) -> TailReader:
+    def _sync(self, reason: str | None, fd: int | None = None) -> tuple[int, int]:
         """Under the flock: (re)open the index if needed, rebuild it when it cannot be used
-        (or ``reason`` says so), and index the file's tail. Returns the tail's reader."""
+        (or ``reason`` says so), and index the file's tail. Returns the bytes and lines
+        indexed. ``fd`` (the flock's descriptor) allows a fast path when nothing changed."""
         try:
             if self._ix is not None and reason is None:
                 try:
@@ -109,12 +110,17 @@ class CallCache:
             if self._ix is None:
                 self._ix = Index(self.index_path, "cache")
                 reason = reason or self._ix.open()
+            elif fd is not None and reason is None:
+                cov = self._ix.covered(0)
+                if cov is not None and cov[0] == os.fstat(fd).st_size:
+                    return cov  # nobody wrote since the index was last brought up to date
             reason = reason or self._ix.stale({0: self.path})
             if reason is not None:
                 self._ix.reset(reason, quiet=self.path.stat().st_size == 0)
-            return self._ix.catch_up(
+            reader = self._ix.catch_up(
                 0, self.path, tail="repair", validate=_entry_problem, key=_key, newest=False
             )
+            return reader.end, reader.lines
         except sqlite3.Error as exc:
             raise StoreError(f"cannot use the index: {exc}", file=self.index_path) from exc
 
@@ -225,8 +231,8 @@ class CallCache:
             lines.append((key, data))
         if not lines:
             return 0
-        with self._flocked():
-            tail = self._sync(None)  # another process may have appended meanwhile
+        with self._flocked() as fd:
+            _, indexed = self._sync(None, fd)  # another process may have appended meanwhile
             assert self._ix is not None
             present = self._ix.locs(key for key, _ in lines)
             lines = [(key, data) for key, data in lines if key not in present]
@@ -241,8 +247,8 @@ class CallCache:
                 offset += len(data)
             try:
                 with self._ix.writing():
-                    self._ix.apply(entries, newest=False)
-                    self._ix.set_coverage(0, self.path, offset, tail.lines + len(lines))
+                    self._ix.apply(entries, newest=False, prior={})
+                    self._ix.set_coverage(0, self.path, offset, indexed + len(lines), fd)
             except (sqlite3.Error, OSError) as exc:
                 self._ix.close()
                 self._ix = None  # reopened and caught up from the file on the next use

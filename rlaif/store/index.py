@@ -39,11 +39,13 @@ from rlaif.store.jsonl import JsonlReader, TailPolicy
 
 log = logging.getLogger("rlaif.store")
 
-__all__ = ["CHUNK", "Index", "TailReader", "pack", "unpack"]
+__all__ = ["CHUNK", "FLUSH", "Index", "TailReader", "pack", "unpack"]
 
 SCHEMA_VERSION = 1
 CHUNK = 500  # ids per query (SQLite's variable limit is 32766; small IN lists plan well)
 _CACHE_KIB = 8192  # page cache of the index; the scratch schema gets a quarter
+FLUSH = 32_768  # a buffered writer's pending ids (~6 MB) before one sorted transaction
+_CHECKPOINT_PAGES = 16_384  # WAL pages between checkpoints (each checkpoint fsyncs twice)
 _SIG = 64  # bytes at each end of the covered prefix kept to notice a replaced file
 _OFFSET_BITS = 38  # 256 GiB per file
 MAX_FILE_NUMBER = (1 << (62 - _OFFSET_BITS - 2)) - 1
@@ -113,14 +115,15 @@ class TailReader(JsonlReader):
             self._handle_tail(bad, offset)
 
 
-def _signature(path: Path, covered: int) -> tuple[bytes, bytes, int, int]:
-    """``(head, tail, mtime_ns, size)`` of a file whose first ``covered`` bytes are indexed."""
-    with open(path, "rb") as fh:
-        st = os.fstat(fh.fileno())
-        n = min(_SIG, covered)
-        head = os.pread(fh.fileno(), n, 0)
-        tail = os.pread(fh.fileno(), n, covered - n)
-    return head, tail, st.st_mtime_ns, st.st_size
+def _signature(path: Path, covered: int, fd: int | None = None) -> tuple[bytes, bytes, int, int]:
+    """``(head, tail, mtime_ns, size)`` of a file whose first ``covered`` bytes are indexed
+    (read through ``fd`` when given, an open descriptor of ``path``)."""
+    if fd is None:
+        with open(path, "rb") as fh:
+            return _signature(path, covered, fh.fileno())
+    st = os.fstat(fd)
+    n = min(_SIG, covered)
+    return os.pread(fd, n, 0), os.pread(fd, n, covered - n), st.st_mtime_ns, st.st_size
 
 
 def _uri(path: Path, mode: str) -> str:
@@ -134,16 +137,25 @@ class Index:
         path: the index file, or ``None`` for a private index in a temporary file.
         kind: what it indexes (``"stage"`` / ``"cache"``); an index of another kind is rebuilt.
         readonly: never write the file; see the module docs.
+        buffered: for the only writer of the index (a locked stage): keep up to
+            :data:`FLUSH` updated ids in memory and write them in one sorted transaction
+            (random ids make each small transaction rewrite a page per id). The buffer is
+            looked at first by every query, and lost buffers are caught up from the JSONL.
     """
 
-    def __init__(self, path: Path | None, kind: str, *, readonly: bool = False) -> None:
+    def __init__(
+        self, path: Path | None, kind: str, *, readonly: bool = False, buffered: bool = False
+    ) -> None:
         self.path = path
         self.kind = kind
         self.readonly = readonly
+        self.buffered = buffered and not readonly
         self.private = path is None
         self.inode: int | None = None
         self._tail_rows = 0  # read-only: ids of the tail, in main.recs
-        self._delta = [0, 0, 0, 0]  # read-only: count changes made by the tail
+        self._delta = [0, 0, 0, 0]  # count changes not in ix.counts (tail or buffer)
+        self._pending: dict[str, int] = {}  # buffered: winning locations not written yet
+        self._covering: dict[int, tuple[Path, int, int]] = {}  # buffered: n -> coverage
         self.conn = sqlite3.connect(
             "", isolation_level=None, check_same_thread=False, uri=True, timeout=60
         )
@@ -169,8 +181,7 @@ class Index:
                 c.execute("CREATE TABLE main.recs(id TEXT PRIMARY KEY, loc INT) WITHOUT ROWID")
                 c.execute("BEGIN")
             else:
-                c.execute("PRAGMA ix.journal_mode=WAL")
-                c.execute("PRAGMA ix.synchronous=NORMAL")
+                self._pragmas()
             row = c.execute("SELECT v FROM ix.meta WHERE k='schema'").fetchone()
             c.execute("SELECT count(*) FROM ix.counts").fetchone()
             self.inode = os.stat(self.path).st_ino
@@ -180,11 +191,15 @@ class Index:
             return f"of another kind or version: {row[0] if row else 'none'}"
         return None
 
+    def _pragmas(self) -> None:
+        self.conn.execute("PRAGMA ix.journal_mode=WAL")
+        self.conn.execute("PRAGMA ix.synchronous=NORMAL")
+        self.conn.execute(f"PRAGMA ix.wal_autocheckpoint={_CHECKPOINT_PAGES}")
+        self.conn.execute("PRAGMA ix.journal_size_limit=67108864")
+
     def _create(self) -> None:
         c = self.conn
-        c.execute("PRAGMA ix.journal_mode=WAL")
-        c.execute("PRAGMA ix.synchronous=NORMAL")
-        c.execute("PRAGMA ix.journal_size_limit=67108864")
+        self._pragmas()
         c.execute("BEGIN IMMEDIATE")
         c.execute("CREATE TABLE ix.meta(k TEXT PRIMARY KEY, v TEXT) WITHOUT ROWID")
         c.execute("INSERT INTO ix.meta VALUES('schema', ?)", (f"{self.kind}/{SCHEMA_VERSION}",))
@@ -214,6 +229,8 @@ class Index:
             log.warning("%s: index %s; rebuilding it from the JSONL", self.path, reason)
         self._delta = [0, 0, 0, 0]
         self._tail_rows = 0
+        self._pending.clear()
+        self._covering.clear()
         c = self.conn
         with contextlib.suppress(sqlite3.Error):
             c.execute("ROLLBACK")
@@ -261,11 +278,20 @@ class Index:
                 return f"{path.name} was replaced or edited"
         return None
 
-    def set_coverage(self, n: int, path: Path, covered: int, lines: int) -> None:
+    def covered(self, n: int) -> tuple[int, int] | None:
+        """``(bytes, lines)`` of file ``n`` that the index covers (``None``: not yet seen)."""
+        return self.conn.execute("SELECT covered, lines FROM ix.files WHERE n=?", (n,)).fetchone()
+
+    def set_coverage(
+        self, n: int, path: Path, covered: int, lines: int, fd: int | None = None
+    ) -> None:
         """Record that the first ``covered`` bytes (``lines`` lines) of ``path`` are indexed."""
         if self.readonly:
             return
-        head, tail, mtime, _ = _signature(path, covered)
+        if self.buffered:
+            self._covering[n] = (path, covered, lines)
+            return
+        head, tail, mtime, _ = _signature(path, covered, fd)
         self.conn.execute(
             "INSERT OR REPLACE INTO ix.files VALUES(?, ?, ?, ?, ?, ?)",
             (n, covered, lines, head, tail, mtime),
@@ -275,8 +301,9 @@ class Index:
 
     @contextlib.contextmanager
     def writing(self) -> Iterator[None]:
-        """One write transaction (a no-op inside a read-only user's snapshot)."""
-        if self.readonly:
+        """One write transaction (a no-op inside a read-only user's snapshot or when
+        buffered: :meth:`flush` writes its own)."""
+        if self.readonly or self.buffered:
             yield
             return
         self.conn.execute("BEGIN IMMEDIATE")
@@ -299,6 +326,11 @@ class Index:
     def locs(self, ids: Iterable[str]) -> dict[str, int]:
         """``id -> location`` of the ids that have one (one query per :data:`CHUNK` ids)."""
         ids = list(dict.fromkeys(ids))
+        if self._pending:
+            pending = self._pending
+            found = {rid: pending[rid] for rid in ids if rid in pending}
+            found.update(self._in("ix.recs", [rid for rid in ids if rid not in pending]))
+            return found
         found = dict(self._in("ix.recs", ids))
         if self._tail_rows:
             for rid, loc in self._in("main.recs", ids):
@@ -308,6 +340,8 @@ class Index:
 
     def loc(self, rid: str) -> int | None:
         """The location of one id, or ``None``."""
+        if rid in self._pending:
+            return self._pending[rid]
         row = self.conn.execute("SELECT loc FROM ix.recs WHERE id=?", (rid,)).fetchone()
         if self._tail_rows:
             more = self.conn.execute("SELECT loc FROM main.recs WHERE id=?", (rid,)).fetchone()
@@ -317,6 +351,7 @@ class Index:
 
     def scan(self) -> Iterator[tuple[str, int]]:
         """Every ``(id, location)``, in id order."""
+        self.flush()
         if not self._tail_rows:
             yield from self.conn.execute("SELECT id, loc FROM ix.recs")
             return
@@ -336,15 +371,19 @@ class Index:
 
     # -- updates ------------------------------------------------------------------------
 
-    def apply(self, entries: list[tuple[str, int]], *, newest: bool) -> None:
+    def apply(
+        self, entries: list[tuple[str, int]], *, newest: bool, prior: dict[str, int] | None = None
+    ) -> None:
         """Index lines (``(id, location)`` in file order) inside the current transaction.
 
         An id keeps its largest location (``newest``) or its smallest (first wins), so
         applying a line twice is harmless; counters move with the winning line's code.
+        ``prior`` is :meth:`locs` of the ids when the caller just asked for it.
         """
         if not entries:
             return
-        prior = self.locs(rid for rid, _ in entries)
+        if prior is None:
+            prior = self.locs(rid for rid, _ in entries)
         changed: dict[str, int] = {}
         delta = [0, 0, 0, 0]
         for rid, loc in entries:
@@ -357,6 +396,12 @@ class Index:
             changed[rid] = loc
         if not changed:
             return
+        if self.buffered:
+            self._pending.update(changed)
+            self._delta = [a + b for a, b in zip(self._delta, delta, strict=True)]
+            if len(self._pending) >= FLUSH:
+                self.flush()
+            return
         table = "main.recs" if self.overlay else "ix.recs"
         self.conn.executemany(
             f"INSERT INTO {table}(id, loc) VALUES(?, ?) "
@@ -367,10 +412,34 @@ class Index:
             self._tail_rows += len(changed)
             self._delta = [a + b for a, b in zip(self._delta, delta, strict=True)]
         else:
-            self.conn.executemany(
-                "UPDATE ix.counts SET n = n + ? WHERE code = ?",
-                [(d, code) for code, d in enumerate(delta) if d],
-            )
+            self._add_counts(delta)
+
+    def _add_counts(self, delta: list[int]) -> None:
+        self.conn.executemany(
+            "UPDATE ix.counts SET n = n + ? WHERE code = ?",
+            [(d, code) for code, d in enumerate(delta) if d],
+        )
+
+    def flush(self) -> None:
+        """Write a buffered writer's pending ids, counters and coverage in one transaction."""
+        if not self.buffered or not (self._pending or self._covering):
+            return
+        self.buffered = False  # write through while flushing
+        try:
+            with self.writing():
+                self.conn.executemany(
+                    "INSERT INTO ix.recs(id, loc) VALUES(?, ?) "
+                    "ON CONFLICT(id) DO UPDATE SET loc = excluded.loc",
+                    sorted(self._pending.items()),  # in key order: each page written once
+                )
+                self._add_counts(self._delta)
+                for n, (path, covered, lines) in self._covering.items():
+                    self.set_coverage(n, path, covered, lines)
+        finally:
+            self.buffered = True
+        self._pending.clear()
+        self._covering.clear()
+        self._delta = [0, 0, 0, 0]
 
     def catch_up(
         self,
@@ -385,10 +454,11 @@ class Index:
     ) -> TailReader:
         """Index the lines of file ``n`` beyond what the index covers; return the reader.
 
-        Commits every ``batch`` lines with the coverage reached, so a long rebuild that is
-        interrupted keeps its progress. Memory: one batch.
+        Commits every ``batch`` lines (or every :data:`FLUSH` ids when buffered) with the
+        coverage reached, so a long rebuild that is interrupted keeps its progress. Memory:
+        one batch.
         """
-        cov = self.conn.execute("SELECT covered, lines FROM ix.files WHERE n=?", (n,)).fetchone()
+        cov = self.covered(n)
         covered, lines = cov if cov is not None else (0, 0)
         reader = TailReader(path, start=covered, start_line=lines, tail=tail, validate=validate)
         entries: list[tuple[str, int]] = []
@@ -404,10 +474,19 @@ class Index:
             with self.writing():
                 self.apply(entries, newest=newest)
                 self.set_coverage(n, path, reader.end, reader.lines)
+        self.flush()  # a rebuilt or caught-up index is on disk before it is relied on
         return reader
 
     def close(self) -> None:
-        """Close the connection (a writer's last close checkpoints and drops the WAL)."""
+        """Write what is buffered and close the connection (a writer's last close
+        checkpoints and drops the WAL). A buffer that cannot be written is caught up from
+        the JSONL at the next open."""
+        try:
+            self.flush()
+        except (sqlite3.Error, OSError) as exc:
+            log.warning(
+                "%s: index not updated at close (%s); caught up at the next open", self.path, exc
+            )
         with contextlib.suppress(sqlite3.Error):
             if self.conn.in_transaction:
                 self.conn.execute("ROLLBACK")

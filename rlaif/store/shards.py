@@ -150,7 +150,9 @@ class StageStore:
         shard's lines beyond its coverage and note the committed ends."""
         if self._ix is not None:
             self._ix.close()
-        ix = self._ix = Index(self.path / INDEX_NAME, "stage", readonly=readonly)
+        ix = self._ix = Index(
+            self.path / INDEX_NAME, "stage", readonly=readonly, buffered=not readonly
+        )
         try:
             files = dict(zip(self._nums, self._shards, strict=True))
             reason = reason or ix.open() or ix.stale(files)
@@ -395,7 +397,8 @@ class StageStore:
             written += take
             try:
                 with self._ix.writing():
-                    self._ix.apply(entries, newest=True)
+                    self._ix.apply(entries, newest=True, prior=prior)
+                    prior.update(entries)  # a later part of the batch may repeat an id
                     self._ix.set_coverage(number, self._shards[shard], offset, self._last_lines)
             except (sqlite3.Error, OSError) as exc:
                 # The lines are durable; the index catches up from them before the next use.
