@@ -1,0 +1,199 @@
+"""The fast paths of the judge wave give the same bytes and notice the same changes as the slow
+ones they replaced: canonical JSON, verdict dicts, and the template freshness check.
+
+``bench/scale.py`` measures the speed; these tests only pin behaviour (no timings).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import os
+import random
+from collections import OrderedDict, namedtuple
+from pathlib import Path
+
+import pytest
+
+from rlaif.errors import ConfigError
+from rlaif.prompts import PromptBook
+from rlaif.stages.judge import JudgeConfig, OrderResult, Verdict
+from rlaif.store.hashing import (
+    _CANONICAL,
+    CanonicalJSONError,
+    _normalize,
+    canonical_json,
+    plain_fields,
+)
+
+
+class Color(str, enum.Enum):
+    RED = "red"
+
+
+class Level(enum.IntEnum):
+    HIGH = 3
+
+
+Point = namedtuple("Point", "x y")
+
+
+def _value(rng: random.Random, depth: int = 0) -> object:
+    scalars = [None, True, False, 7, -0.0, 2.0, 0.1, 2.0**60, 1e300, "é\U0001f600", Color.RED]
+    scalars.append(Level.HIGH)
+    kind = rng.randrange(len(scalars) + (6 if depth < 4 else 0))
+    if kind < len(scalars):
+        return scalars[kind]
+    kind -= len(scalars)
+    items = [_value(rng, depth + 1) for _ in range(rng.randrange(3))]
+    if kind == 0:
+        return items
+    if kind == 1:
+        return tuple(items)
+    if kind == 2:
+        return {f"k{i}": v for i, v in enumerate(items)}
+    if kind == 3:
+        return OrderedDict(z=items)
+    if kind == 4:
+        return Point(items, None)
+    return {Color.RED: items}
+
+
+def _slow_canonical(obj: object) -> str:
+    """The walk canonical_json used before its fast path (json encoder settings unchanged)."""
+    return _CANONICAL.encode(_normalize(obj, "$"))
+
+
+def test_canonical_json_matches_the_path_walk_on_random_values() -> None:
+    rng = random.Random(0)
+    for _ in range(3000):
+        obj = _value(rng)
+        assert canonical_json(obj) == _slow_canonical(obj)
+
+
+@pytest.mark.parametrize(
+    ("bad", "where"),
+    [
+        ({"a": [1, float("nan")]}, r"\$\.a\[1\]"),
+        ({"p": {"t": float("-inf")}}, r"\$\.p\.t"),
+        ({"a": {1: "x"}}, r"key 1 at \$\.a"),
+        ([{"s": {1, 2}}], r"\$\[0\]\.s is a set"),
+    ],
+)
+def test_canonical_json_errors_still_name_the_path(bad: object, where: str) -> None:
+    with pytest.raises(CanonicalJSONError, match=where):
+        canonical_json(bad)
+
+
+def _verdict(rng: random.Random) -> Verdict:
+    order = OrderResult(1, 0.7, "A", {"A": -0.3, "B": None}, -1e-17)
+    member = Verdict("ok", "a", 0.7, 0.7, 0.7, True, 1, 2, None, orders=[order, order])
+    scores = {"x": 1.0, "y": 0.0, "odd": _value(rng), "failures_x": ("a", "b")}
+    return Verdict(
+        "ok", "tie", 0.5, principle_ids=["p", "q"], members=[member, member], scores=scores
+    )
+
+
+def test_plain_fields_is_asdict() -> None:
+    rng = random.Random(1)
+    for _ in range(300):
+        v = _verdict(rng)
+        # repr also compares key order and value types (1 vs 1.0, tuple vs list)
+        assert repr(v.to_dict()) == repr(dataclasses.asdict(v))
+    weird = Verdict("error", scores={"s": {1, 2}, "p": Point([1], (2,)), "e": Level.HIGH})
+    assert repr(weird.to_dict()) == repr(dataclasses.asdict(weird))
+    nested = JudgeConfig(option_prior=1.0)  # a frozen dataclass holding another
+    assert repr(plain_fields(nested)) == repr(dataclasses.asdict(nested))
+
+
+def test_verdict_dicts_are_copies() -> None:
+    v = _verdict(random.Random(2))
+    d = v.to_dict()
+    d["members"][0]["orders"][0]["logprobs"]["A"] = 0.0
+    d["principle_ids"].append("r")
+    assert v.members[0].orders[0].logprobs == {"A": -0.3, "B": None}
+    assert v.principle_ids == ["p", "q"]
+
+
+def test_judge_config_dict_is_built_once_and_handed_out_as_copies() -> None:
+    cfg = JudgeConfig(option_prior=0.5, band=(0.3, 0.7))
+    want = dataclasses.asdict(cfg)
+    want.update(band=[0.3, 0.7], options=["A", "B"], sampling=cfg.sampling.to_dict())
+    first = cfg.to_dict()
+    assert repr(first) == repr(want)
+    first["band"].append(1.0)
+    first["sampling"]["stop"].append("x")
+    assert repr(cfg.to_dict()) == repr(want)
+    assert "option_prior" not in JudgeConfig().to_dict()  # uncalibrated: ids unchanged
+
+
+# -- template freshness -------------------------------------------------------------------------
+
+
+def _write(folder: Path, name: str, text: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def _bump(path: Path) -> None:
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+
+
+def test_warm_renders_do_not_resolve_paths(tmp_path: Path, monkeypatch) -> None:
+    book = PromptBook(tmp_path)
+    _write(tmp_path, "t.jinja", '{% call message("user") %}{{ q }}{% endcall %}\n')
+    book.render("t", q="warm")
+
+    def refuse(self: Path, strict: bool = False) -> Path:
+        raise AssertionError("a warm render resolved a path")
+
+    monkeypatch.setattr(Path, "resolve", refuse)
+    for i in range(20):
+        assert book.render("t", q=str(i)).messages[0]["content"] == str(i)
+
+
+def test_warm_book_notices_a_same_size_edit_and_a_removed_override(tmp_path: Path) -> None:
+    path = _write(tmp_path, "respond.jinja", '{% call message("user") %}one{% endcall %}\n')
+    book = PromptBook(tmp_path)
+    for _ in range(5):
+        assert book.render("respond", conversation=[]).messages[0]["content"] == "one"
+    path.write_text('{% call message("user") %}two{% endcall %}\n', encoding="utf-8")
+    _bump(path)
+    assert book.render("respond", conversation=[]).messages[0]["content"] == "two"
+    path.unlink()  # the built-in template takes over again
+    turn = [{"role": "user", "content": "hi"}]
+    assert book.template_hash("respond") == PromptBook().template_hash("respond")
+    assert book.render("respond", conversation=turn).messages == (
+        PromptBook().render("respond", conversation=turn).messages
+    )
+
+
+def test_warm_book_notices_a_partial_appearing_in_a_sub_folder(tmp_path: Path) -> None:
+    main = '{% include "parts/p.jinja" %}\n'
+    _write(tmp_path / "parts", "p.jinja", '{% call message("user") %}old{% endcall %}\n')
+    _write(tmp_path, "main.jinja", main)
+    book = PromptBook(tmp_path)
+    before = book.template_hash("main")
+    assert book.render("main").messages[0]["content"] == "old"
+    part = tmp_path / "parts" / "p.jinja"
+    part.write_text('{% call message("user") %}new{% endcall %}\n', encoding="utf-8")
+    _bump(part)
+    assert book.render("main").messages[0]["content"] == "new"
+    assert book.template_hash("main") != before
+
+
+def test_a_symlink_retargeted_outside_is_refused_at_the_next_render(tmp_path: Path) -> None:
+    folder = tmp_path / "mine"
+    inside = _write(folder, "real.jinja", '{% call message("user") %}in{% endcall %}\n')
+    outside = _write(tmp_path, "outside.jinja", '{% call message("user") %}out{% endcall %}\n')
+    (folder / "t.jinja").symlink_to(inside)
+    book = PromptBook(folder)
+    assert book.render("t").messages[0]["content"] == "in"
+    assert book.render("t").messages[0]["content"] == "in"
+    (folder / "t.jinja").unlink()
+    (folder / "t.jinja").symlink_to(outside)
+    with pytest.raises(ConfigError, match="links outside its folder"):
+        book.render("t")
