@@ -14,7 +14,9 @@ it, with the judge's rates raw and calibrated.
 
 from __future__ import annotations
 
+import heapq
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, TextIO
@@ -85,7 +87,7 @@ class RunCalibration:
 
 
 def calibrate_judges(
-    run: RunParts, pairs: list[PairToJudge], jcfg: J.JudgeConfig, kind: JudgeKind
+    run: RunParts, pairs: Iterable[PairToJudge], jcfg: J.JudgeConfig, kind: JudgeKind
 ) -> RunCalibration:
     """The prior of each judge model, estimated (or read back) before the judge waves.
 
@@ -99,15 +101,22 @@ def calibrate_judges(
     if jstage.calibrate == "none" or jcfg.mode != "logprob" or not ai_judged:
         return plain
     method, seed, system = jstage.calibrate, run.cfg.seed, run.cfg.system
-    ai: list[tuple[PairToJudge, list[Principle]]] = []
+    # The pairs of C.sample's draw over every AI-judged pair (the smallest hashes of (seed,
+    # pair key), in run order), kept in a bounded heap while the pairs stream by.
+    heap: list[tuple[int, int, PairToJudge, list[Principle]]] = []
+    n_ai = 0
     for pair in pairs:  # the principles judge_wave draws for the pair, AI-judged ones only
         drawn = J.judge_principles(run.constitution, jcfg.principles_k, seed, pair_key(pair),
                                    kind.kind)  # fmt: skip
         if ps := [p for p in drawn if not J.rule_judged(p, kind.kind)]:
-            ai.append((pair, ps))
-    picked = [
-        ai[i] for i in C.sample([pair_key(p) for p, _ in ai], jstage.calibration_sample, seed)
-    ]
+            rank = int(content_hash(["calibrate", seed, pair_key(pair)]), 16)
+            entry = (-rank, -n_ai, pair, ps)
+            n_ai += 1
+            if len(heap) < jstage.calibration_sample:
+                heapq.heappush(heap, entry)
+            elif heap and entry[:2] > heap[0][:2]:
+                heapq.heapreplace(heap, entry)
+    picked = [(p, ps) for _, _, p, ps in sorted(heap, key=lambda e: -e[1])]
     if not picked:
         plain.method, plain.note = method, "no pair is judged by the AI judge: nothing to calibrate"
         return plain

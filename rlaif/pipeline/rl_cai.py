@@ -16,7 +16,7 @@ from rlaif.backends.base import SamplingParams
 from rlaif.calls.caller import GenRequest, ModelCaller, ScoreRequest
 from rlaif.constitution import Constitution
 from rlaif.pipeline.judges import JudgeKind
-from rlaif.pipeline.steps import run_gen_step
+from rlaif.pipeline.steps import run_gen_step, step_id
 from rlaif.progress import Progress
 from rlaif.prompts import PromptBook
 from rlaif.sources import PromptItem
@@ -60,6 +60,26 @@ def sample_wave(
     for pid, rec in records.items():
         if rec["status"] == "ok":
             out[pid] = [cai.clean(t) for t in rec.get("texts") or [rec["text"]]]
+    return out
+
+
+def read_samples(
+    items: Sequence[PromptItem],
+    params: SamplingParams,
+    book: PromptBook,
+    system: str | None,
+    caller: ModelCaller,
+    store: StageStore,
+) -> dict[str, list[str]]:
+    """The responses :func:`sample_wave` recorded for ``items`` (prompt id -> texts, in
+    ``items`` order; prompts whose sampling failed or never ran are absent). Reads the store
+    only: the policy model is never called (it may be closed already)."""
+    out = {}
+    for item in items:
+        r = book.render("respond", conversation=item.messages(), system=system)
+        rec = store.get(step_id("sample", GenRequest(r.messages, params, r.template_hash), caller))
+        if rec is not None and rec["status"] == "ok":
+            out[item.id] = [cai.clean(t) for t in rec.get("texts") or [rec["text"]]]
     return out
 
 

@@ -5,6 +5,13 @@ Prompts go through in waves: each wave runs every step with full batches, and it
 appended as each backend batch returns. A crash loses at most the batch in flight; re-running
 skips every record already on disk and makes no model call for it (the model is not even
 loaded when nothing is left to do).
+
+Memory is bounded by a wave, not by the prompt set: prompts are read from their source a wave
+at a time (:mod:`rlaif.sources.stream`), each stage reads what it needs of the stage before
+from that stage's store, and the preference export reads the judge stage's records back from
+the wave ledger (:mod:`rlaif.pipeline.waves`). The ledger also makes a re-run cheap: a wave a
+stage finished under the same fingerprint is skipped without rendering a request, and a run
+whose waves and export are all finished answers from its manifest.
 """
 
 from __future__ import annotations
@@ -24,25 +31,22 @@ from rlaif.config.schema import PipelineConfig
 from rlaif.constitution import Constitution, load_constitution
 from rlaif.errors import ConfigError
 from rlaif.export.card import scrub
-from rlaif.export.filters import PreferenceExportConfig
-from rlaif.export.preferences import export_preferences
 from rlaif.export.sl_cai import export_sl_cai
-from rlaif.pipeline.calibration import calibrate_judges
 from rlaif.pipeline.contrast import contrast_and_export
-from rlaif.pipeline.judges import judge_kind
+from rlaif.pipeline.judge_stage import judge_and_export, sample_params
 from rlaif.pipeline.post import PostResult, run_post
-from rlaif.pipeline.rl_cai import PairToJudge, judge_wave, sample_wave, select_pairs
+from rlaif.pipeline.rl_cai import sample_wave
 from rlaif.pipeline.sl_cai import TRACE_STAGE, critique_revise_wave, step_names
+from rlaif.pipeline.waves import WAVE, LazyWaves, Ledger, fingerprint
 from rlaif.progress import Progress
 from rlaif.prompts import PromptBook
-from rlaif.sources import PromptItem, read_prompt_set
+from rlaif.sources import PromptItem
+from rlaif.sources.stream import PromptStream, open_prompt_stream
 from rlaif.stages import critique as cai
 from rlaif.stages import judge as J
-from rlaif.stages.pairs import candidate_pairs, keep_cai_sl_pair
 from rlaif.store import CallCache, Manifest, RunLock, StageStore, record_id
 from rlaif.version import __version__
 
-WAVE = 512  # prompts per wave: bounds memory, keeps batches full
 # Templates only the evaluation renders: eval.json records their hashes, the data records don't.
 EVAL_ONLY = ("harm_check",)
 
@@ -63,20 +67,57 @@ class _Run:
 
     cfg: PipelineConfig
     run_dir: Path
-    items: list[PromptItem]
+    prompts: PromptStream  # scanned: ``count`` prompts, read again a wave at a time
     constitution: Constitution
     book: PromptBook
     caller: ModelCaller
     judge_callers: list[ModelCaller]  # first: the main judge; more: a cross-model ensemble
     retry_errors: bool
     stream: TextIO
+    ledger: Ledger
     stores: list[StageStore] = field(default_factory=list)
     source: dict[str, Any] = field(default_factory=dict)  # the prompts' source and revision
+    worked: bool = False  # some wave was not finished before this run
 
     def store(self, stage: str) -> StageStore:
         s = StageStore(self.run_dir, stage, retry_errors=self.retry_errors)
         self.stores.append(s)
         return s
+
+    @property
+    def waves(self) -> int:
+        return -(-self.prompts.count // WAVE)
+
+    @property
+    def items(self) -> list[PromptItem]:
+        """Every prompt in memory (the contrast stage's; the RL-CAI chain reads waves)."""
+        return list(self.prompts)
+
+    def fingerprint(self, stage: str) -> str:
+        """What decides the records of ``stage`` (see :mod:`rlaif.pipeline.waves`)."""
+        data = self.cfg.to_dict()
+        for key in ("output", "execution", "budget", "name"):
+            data.pop(key, None)
+        for key in ("export", "train", "eval"):
+            data.get("stages", {}).pop(key, None)
+        return fingerprint(stage, self.provenance(), data, self.prompts.count)
+
+    def finished(
+        self, stage: str, fp: str, w: int, stores: list[StageStore]
+    ) -> dict[str, Any] | None:
+        """The ledger entry of a wave to skip, or ``None``. An entry is trusted only while the
+        stores it vouches for still hold as many records as when it was written (a deleted
+        or replaced shard makes the wave checked record by record again)."""
+        entry = self.ledger.finished(stage, fp, w, retry_errors=self.retry_errors)
+        sizes = entry.get("sizes", {}) if entry else {}
+        if entry is not None and any(len(s) < sizes.get(s.stage, 0) for s in stores):
+            entry = None
+        self.worked = self.worked or entry is None
+        return entry
+
+    def finish(self, stage: str, fp: str, w: int, stores: list[StageStore], **data: Any) -> None:
+        sizes = {s.stage: len(s) for s in stores}
+        self.ledger.finish(stage, fp, w, sizes=sizes, **data)
 
     def provenance(self) -> dict[str, Any]:
         p: dict[str, Any] = {
@@ -138,8 +179,12 @@ def run_pipeline(
     run_dir = Path(out or cfg.output)
     run_dir.mkdir(parents=True, exist_ok=True)
     with RunLock(run_dir):
-        found = read_prompt_set(cfg)
-        items, dropped = found.items, found.skipped
+        ledger = Ledger(run_dir)
+        try:
+            prompts = _scan(open_prompt_stream(cfg), ledger, cfg)
+        except BaseException:
+            ledger.close()
+            raise
         cache = CallCache(run_dir / "cache" / "calls.jsonl")
         named = {role: f"step:{o['step']}" for role, o in cfg.model_from.items()}
         caller = make_caller(
@@ -174,16 +219,18 @@ def run_pipeline(
         run = _Run(
             cfg,
             run_dir,
-            items,
+            prompts,
             load_constitution(cfg.constitution_ref()),
             PromptBook(cfg.resolve_path(cfg.templates) if cfg.templates else None),
             caller,
             judge_callers,
             retry_errors,
             stream or sys.stderr,
-            source=found.source,
+            ledger,
+            source=prompts.source,
         )
         base = Manifest.load(run_dir) or Manifest()
+        finished_before = base.finished_at is not None
         if base.started_at is not None and base.finished_at is None:
             # An earlier run here stopped before it finished (killed, crashed, out of budget).
             base.info["resumed"] = int(base.info.get("resumed", 0)) + 1
@@ -194,10 +241,10 @@ def run_pipeline(
                 "config": scrub(cfg.to_dict()),  # no api_key-style option reaches the disk
                 "provenance": run.provenance(),
                 "prompts": {
-                    "read": len(items) + len(dropped),
-                    "kept": len(items),
-                    "dropped": _count(r["reason"] for r in dropped),
-                    "source": found.source,
+                    "read": prompts.count + len(prompts.skipped),
+                    "kept": prompts.count,
+                    "dropped": _count(r["reason"] for r in prompts.skipped),
+                    "source": prompts.source,
                 },
             }
         )
@@ -206,10 +253,12 @@ def run_pipeline(
         described: dict[str, Any] = {}
         try:
             traces = _sl_cai(run, base) if cfg.stages.critique_revise else None
-            samples = _sample(run, base) if cfg.stages.sample else None
+            if cfg.stages.sample:
+                _sample(run, base)
             if traces is not None:
                 exports.update(export_sl_cai(run_dir, traces, cfg.stages.export, base))
             if cfg.stages.contrast is not None:  # RLCD: pairs by construction, judge filters
+                run.worked = True
                 exports["preferences"] = contrast_and_export(run, base)
             elif cfg.stages.judge is not None:
                 if caller not in judge_callers:
@@ -217,17 +266,22 @@ def run_pipeline(
                     # vLLM engine keeps part of a core busy)
                     described = caller.describe()
                     caller.close()
-                exports["preferences"] = _judge_and_export(run, base, traces, samples)
-            manifest = Manifest.from_store(run_dir, base=base)
-            manifest.info["calls"] = {"policy": caller.stats.to_dict()}
+                exports["preferences"] = judge_and_export(run, base, traces)
+            if run.worked or not finished_before:
+                manifest = Manifest.from_store(run_dir, base=base)
+            else:  # nothing was left to do: the counts on record are the counts
+                manifest = base
+            calls = {"policy": caller.stats.to_dict()}
             for n, jc in enumerate(c for c in judge_callers if c is not caller):
-                manifest.info["calls"][f"judge-{n + 1}"] = jc.stats.to_dict()
+                calls[f"judge-{n + 1}"] = jc.stats.to_dict()
+            manifest.info["calls"] = calls
             manifest.info["backend"] = described or caller.describe()
             manifest.finish()
             manifest.write(run_dir)
         finally:
             for s in run.stores:
                 s.close()
+            ledger.close()
             cache.close()
             caller.close()
             for jc in judge_callers:
@@ -236,7 +290,7 @@ def run_pipeline(
         if cfg.stages.train or cfg.stages.eval:  # the data models are closed: memory is free
             manifest.start()  # not finished until training and evaluation are
             manifest.write(run_dir)
-            post = run_post(cfg, run_dir, items, run.stream)
+            post = run_post(cfg, run_dir, prompts, run.stream)
             manifest.info.update(train=post.to_dict()["steps"], eval=post.eval)
             manifest.finish()
             manifest.write(run_dir)
@@ -250,19 +304,17 @@ def run_pipeline(
     return RunResult(run_dir, manifest, exports, stats, time.perf_counter() - t0, post)
 
 
-def _ensemble_record(records: list[dict[str, Any]], jcfg: J.JudgeConfig) -> dict[str, Any]:
-    """One judged-pair record from the same pair judged by several models."""
-    verdict = J.ensemble([J.Verdict.from_dict(r["verdict"]) for r in records], jcfg)
-    rec = {
-        **records[0],
-        "id": record_id("judge-ensemble", [r["id"] for r in records]),
-        "verdict": verdict.to_dict(),
-        "status": verdict.status,
-    }
-    rec.pop("reason", None)
-    if verdict.status != "ok":
-        rec["reason"] = f"judge error: {verdict.reason or 'unknown'}"
-    return rec
+def _scan(prompts: PromptStream, ledger: Ledger, cfg: PipelineConfig) -> PromptStream:
+    """Count and check the prompts once per source revision and reading settings (the
+    ledger keeps the count and the rows left out, so a re-run does not read them again)."""
+    fp = fingerprint("prompts", prompts.source, dataclasses.asdict(cfg.prompts))
+    entry = ledger.finished("prompts", fp, 0)
+    if entry is not None:
+        prompts.count, prompts.skipped = entry["count"], entry["skipped"]
+        return prompts
+    prompts.scan()
+    ledger.finish("prompts", fp, 0, count=prompts.count, skipped=prompts.skipped)
+    return prompts
 
 
 def _count(reasons: Any) -> dict[str, int]:
@@ -272,13 +324,31 @@ def _count(reasons: Any) -> dict[str, int]:
     return out
 
 
-def _sl_cai(run: _Run, manifest: Manifest) -> list[dict[str, Any]]:
-    """Critique-and-revise every prompt; return the traces in prompt-source order."""
+class _Traces:
+    """The CAI-SL traces of a run in prompt-source order, read from their store a wave at a
+    time: re-iterable, what the SL-CAI export and the judge stage read."""
+
+    def __init__(self, run: _Run, key: dict[str, Any], store: StageStore) -> None:
+        self.run, self.key, self.store = run, key, store
+
+    def trace_id(self, item: PromptItem) -> str:
+        # A trace id covers the prompt and everything that decides its trace before the model
+        # speaks; the model's outputs are functions of these, so they need not be part of it.
+        return record_id(TRACE_STAGE, {"prompt": item.messages(), **self.key})
+
+    def wave(self, items: list[PromptItem]) -> list[dict[str, Any]]:
+        return [self.store.get(self.trace_id(i)) for i in items]  # type: ignore[misc]
+
+    def __iter__(self) -> Any:
+        for items in self.run.prompts.waves(WAVE):
+            yield from self.wave(items)
+
+
+def _sl_cai(run: _Run, manifest: Manifest) -> _Traces:
+    """Critique-and-revise every prompt; return the traces (re-iterable, source order)."""
     cfg, stage = run.cfg, run.cfg.stages.critique_revise
     assert stage is not None
     ctx = cai.CritiqueContext(run.constitution, run.book, cfg.system, stage.few_shot, cfg.seed)
-    # A trace id covers the prompt and everything that decides its trace before the model
-    # speaks; the model's outputs are functions of these, so they need not be part of it.
     key = {
         "constitution": run.constitution.content_hash,
         "templates": cai.template_hashes(run.book),
@@ -288,170 +358,47 @@ def _sl_cai(run: _Run, manifest: Manifest) -> list[dict[str, Any]]:
         "system": cfg.system,
         "stage": dataclasses.asdict(stage),
     }
-    ids = {i.id: record_id(TRACE_STAGE, {"prompt": i.messages(), **key}) for i in run.items}
     stores = {n: run.store(n) for n in step_names(stage.rounds)}
-    traces = run.store(TRACE_STAGE)
-    manifest.set_expected(TRACE_STAGE, len(run.items))
+    traces = _Traces(run, key, run.store(TRACE_STAGE))
+    manifest.set_expected(TRACE_STAGE, run.prompts.count)
     steps = len(stores)
-    done = sum(1 for i in run.items if traces.is_done(ids[i.id]))
     provenance = {
         **{k: v for k, v in run.provenance().items() if k != "prompts"},  # a record has its own
         "params": {
             k: dataclasses.asdict(getattr(stage, k)) for k in ("respond", "critique", "revise")
         },
     }
-    with Progress(
-        len(run.items) * steps, "critique-revise", "requests", run.stream, initial=done * steps
-    ) as progress:
-        for start in range(0, len(run.items), WAVE):
-            wave = [i for i in run.items[start : start + WAVE] if not traces.is_done(ids[i.id])]
+    fp = run.fingerprint(TRACE_STAGE)
+    written = [*stores.values(), traces.store]
+    waves = LazyWaves(run.prompts)
+    with Progress(run.prompts.count * steps, "critique-revise", "requests", run.stream) as progress:
+        for w in range(run.waves):
+            if (entry := run.finished(TRACE_STAGE, fp, w, written)) is not None:
+                progress.update(entry["prompts"] * steps)
+                continue
+            items = waves.get(w)
+            wave = [i for i in items if not traces.store.is_done(traces.trace_id(i))]
+            progress.update((len(items) - len(wave)) * steps)
             if wave:
-                critique_revise_wave(
-                    wave,
-                    stage,
-                    ctx,
-                    run.caller,
-                    stores,
-                    traces,
-                    progress,
-                    lambda item: ids[item.id],
-                    provenance,
-                )
-    return [traces.get(ids[i.id]) for i in run.items]
+                critique_revise_wave(wave, stage, ctx, run.caller, stores, traces.store,
+                                     progress, traces.trace_id, provenance)  # fmt: skip
+            errors = sum(1 for t in traces.wave(items) if t is None or t["status"] != "ok")
+            run.finish(TRACE_STAGE, fp, w, written, errors=errors, prompts=len(items))
+    return traces
 
 
-def _sample(run: _Run, manifest: Manifest) -> dict[str, list[str]]:
-    """n sampled responses per prompt (RL-CAI); prompt id -> texts, in prompt-source order."""
-    cfg = run.cfg
-    assert cfg.stages.sample is not None
-    params = cfg.stages.sample.params(cfg.seed + 7)
+def _sample(run: _Run, manifest: Manifest) -> None:
+    """n sampled responses per prompt (RL-CAI), into the ``sample`` store."""
+    cfg, params = run.cfg, sample_params(run.cfg)
     store = run.store("sample")
-    manifest.set_expected("sample", len(run.items))
-    out: dict[str, list[str]] = {}
-    with Progress(len(run.items), "sample", "prompts", run.stream) as progress:
-        for start in range(0, len(run.items), WAVE):
-            wave = run.items[start : start + WAVE]
-            out.update(sample_wave(wave, params, run.book, cfg.system, run.caller, store, progress))
-    return {i.id: out[i.id] for i in run.items if i.id in out}
-
-
-def _judge_and_export(
-    run: _Run,
-    manifest: Manifest,
-    traces: list[dict[str, Any]] | None,
-    samples: dict[str, list[str]] | None,
-) -> dict[str, Any]:
-    """Judge CAI-SL pairs and sampled pairs, choose what to keep, export preferences."""
-    cfg, jstage = run.cfg, run.cfg.stages.judge
-    assert jstage is not None and run.judge_callers
-    jcfg = J.judge_config(jstage)
-    kind = judge_kind(jstage, cfg.resolve_path("."), run.run_dir)
-    prompts = {i.id: i.messages() for i in run.items}
-    labels = {i.id: i.label for i in run.items}
-    pairs: list[PairToJudge] = []
-    if traces is not None and jstage.cai_sl:
-        pairs += [
-            PairToJudge(
-                t["prompt_id"],
-                t["prompt"],
-                t["final_response"],
-                t["initial_response"],
-                "cai_sl",
-                label=labels.get(t["prompt_id"]),
-            )
-            for t in traces
-            if t
-            and t["status"] == "ok"
-            and t["final_response"].strip() != t["initial_response"].strip()
-        ]
-    for pid, texts in (samples or {}).items():
-        ij, _ = candidate_pairs(texts, "all")
-        pairs += [
-            PairToJudge(pid, prompts[pid], texts[i], texts[j], "samples", i, j, labels[pid])
-            for i, j in ij
-        ]
-    calibration = calibrate_judges(run, pairs, jcfg, kind)  # configs[n]: judge n's prior removed
-    per_model = []
-    for n, jc in enumerate(run.judge_callers):
-        name = "judge" if n == 0 else f"judge-{n + 1}"
-        store = run.store(name)
-        manifest.set_expected(name, len(pairs))
-        judged: dict[str, dict[str, Any]] = {}
-        how = jcfg.mode if kind.kind in ("auto", "ai") else kind.kind
-        with Progress(len(pairs), f"{name} ({how})", "pairs", run.stream) as progress:
-            for start in range(0, len(pairs), WAVE):
-                judged.update(
-                    judge_wave(
-                        pairs[start : start + WAVE],
-                        calibration.configs[n],
-                        run.constitution,
-                        run.book,
-                        cfg.system,
-                        cfg.seed,
-                        jc,
-                        store,
-                        progress,
-                        kind,
-                    )
-                )
-        per_model.append(
-            {(r["source"], r["prompt_id"], r["i"], r["j"]): r for r in judged.values()}
-        )
-    provenance = {**run.provenance(), **calibration.record(per_model, manifest)}
-    by_pair = per_model[0]
-    if len(per_model) > 1:  # several judge models: average their verdicts per pair
-        by_pair = {
-            k: _ensemble_record([m[k] for m in per_model], jcfg)
-            for k in by_pair
-            if all(k in m for m in per_model)
-        }
-    records: list[dict[str, Any]] = []
-    for t in traces or []:  # CAI-SL: keep a revision only when the judge prefers it
-        if not jstage.cai_sl or t is None:
-            continue
-        rec = by_pair.get(("cai_sl", t["prompt_id"], 0, 1))
-        if rec is None:
-            reason = (
-                f"generation failed: {t.get('reason')}"
-                if t["status"] != "ok"
-                else "revision identical to initial response"
-            )
-            records.append(
-                {
-                    "id": t["id"],
-                    "prompt_id": t["prompt_id"],
-                    "source": "cai_sl",
-                    "status": "skipped",
-                    "reason": reason,
-                }
-            )
-            continue
-        keep, why = keep_cai_sl_pair(J.Verdict.from_dict(rec["verdict"]), jstage.min_p_revision)
-        records.append(rec if keep else {**rec, "status": "skipped", "reason": why})
-    if samples is not None:
-        records += [
-            {
-                "id": record_id("no-sample", {"prompt_id": i.id}),
-                "prompt_id": i.id,
-                "source": "samples",
-                "status": "skipped",
-                "reason": "sampling failed",
-            }
-            for i in run.items
-            if i.id not in samples
-        ]
-        sampled = {(pid, i, j): r for (src, pid, i, j), r in by_pair.items() if src == "samples"}
-        chosen, none = select_pairs(samples, sampled, jstage.pairs)
-        records += chosen
-        records += [
-            {
-                "id": record_id("no-pair", {"prompt_id": pid}),
-                "prompt_id": pid,
-                "source": "samples",
-                "status": "skipped",
-                "reason": why,
-            }
-            for pid, why in none.items()
-        ]
-    settings = PreferenceExportConfig.from_section(cfg.stages.export.preferences)
-    return export_preferences(records, run.run_dir, settings, provenance, manifest)
+    manifest.set_expected("sample", run.prompts.count)
+    fp = run.fingerprint("sample")
+    waves = LazyWaves(run.prompts)
+    with Progress(run.prompts.count, "sample", "prompts", run.stream) as progress:
+        for w in range(run.waves):
+            if (entry := run.finished("sample", fp, w, [store])) is not None:
+                progress.update(entry["prompts"])
+                continue
+            wave = waves.get(w)
+            out = sample_wave(wave, params, run.book, cfg.system, run.caller, store, progress)
+            run.finish("sample", fp, w, [store], errors=len(wave) - len(out), prompts=len(wave))

@@ -10,6 +10,7 @@ dropped so the model answers the last human turn.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import re
 from collections.abc import Iterator
@@ -246,7 +247,7 @@ def read_dataset(
     return PromptSet(items, skipped, {**ds.provenance(), "offset": offset, "limit": limit})
 
 
-def _collect(
+def iter_prompts(
     rows: Iterator[tuple[int, Any]],
     file: str,
     field: str,
@@ -254,19 +255,20 @@ def _collect(
     offset: int,
     limit: int | None,
     label_field: str | None,
-) -> tuple[list[PromptItem], list[dict[str, Any]]]:
-    """Rows to prompt items: the first ``offset`` rows left out, at most ``limit`` rows
-    taken (duplicates count), each row checked."""
-    items: list[PromptItem] = []
-    skipped: list[dict[str, Any]] = []
-    seen: set[str] = set()
+) -> Iterator[PromptItem | dict[str, Any]]:
+    """Rows to prompt items, one at a time: the first ``offset`` rows left out, at most
+    ``limit`` rows taken (duplicates count), each row checked; a duplicate id is yielded as a
+    skipped row ``{"id", "row", "reason"}``. Memory: one 16-byte digest per id seen."""
+    seen: set[bytes] = set()
+    taken = 0
     index = -1
     for line, row in rows:
         index += 1
         if index < offset:
             continue
-        if limit is not None and len(items) + len(skipped) >= limit:
+        if limit is not None and taken >= limit:
             break
+        taken += 1
         where = {"file": file, "line": line, "field": field}
         if not isinstance(row, dict):
             raise DataError("row is not an object", file=file, line=line)
@@ -285,10 +287,11 @@ def _collect(
                                 file=file, line=line, field=id_field)  # fmt: skip
         else:
             pid = content_hash([list(t) for t in conversation])[:16]
-        if pid in seen:
-            skipped.append({"id": pid, "row": line, "reason": "duplicate prompt"})
+        digest = hashlib.blake2b(pid.encode("utf-8"), digest_size=16).digest()
+        if digest in seen:
+            yield {"id": pid, "row": line, "reason": "duplicate prompt"}
             continue
-        seen.add(pid)
+        seen.add(digest)
         label = None
         if label_field:
             if row.get(label_field) in (None, ""):
@@ -298,7 +301,24 @@ def _collect(
             if _SURROGATE.search(label):
                 raise DataError("label is not valid Unicode (a lone surrogate such as \\ud800)",
                                 file=file, line=line, field=label_field)  # fmt: skip
-        items.append(PromptItem(id=pid, conversation=conversation, row=line, label=label))
+        yield PromptItem(id=pid, conversation=conversation, row=line, label=label)
+
+
+def _collect(
+    rows: Iterator[tuple[int, Any]],
+    file: str,
+    field: str,
+    id_field: str | None,
+    offset: int,
+    limit: int | None,
+    label_field: str | None,
+) -> tuple[list[PromptItem], list[dict[str, Any]]]:
+    """Rows to prompt items: the first ``offset`` rows left out, at most ``limit`` rows
+    taken (duplicates count), each row checked."""
+    items: list[PromptItem] = []
+    skipped: list[dict[str, Any]] = []
+    for entry in iter_prompts(rows, file, field, id_field, offset, limit, label_field):
+        (items if isinstance(entry, PromptItem) else skipped).append(entry)
     if not items:
         raise DataError("no prompts found", file=file, field="prompts.path")
     return items, skipped
