@@ -20,6 +20,7 @@ from rlaif.backends.vllm_backend import (
     CPU_KV_CACHE_BYTES,
     VLLMBackend,
     cpu_engine_defaults,
+    env_defaults,
 )
 from rlaif.errors import BackendError
 from rlaif.testing import build_tiny_model
@@ -56,6 +57,16 @@ def tb(tiny_folder):
     backend = TransformersBackend(str(tiny_folder), device="cpu", dtype="float32")
     yield backend
     backend.close()
+
+
+def test_cpu_engine_gets_a_long_step_timeout_the_user_can_override(vb):
+    # set before vLLM was imported (the fixture's engine): one slow step on a loaded CPU must
+    # not stop the engine for the rest of the run
+    assert env_defaults(cuda=False)["VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS"] == "3600"
+    assert "VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS" not in env_defaults(cuda=True)
+    import os
+
+    assert os.environ.get("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS") is not None
 
 
 def test_describe_count_and_context(vb, tb):

@@ -99,10 +99,20 @@ _ENV_DEFAULTS = {
     # raise. VLLM_LOGGING_LEVEL=INFO brings them back.
     "VLLM_LOGGING_LEVEL": "ERROR",
 }
+# On CPU one engine step over a long batch can take minutes on a loaded machine; past vLLM's
+# 300 s default the engine stops for good and every later request of the run fails.
+_CPU_ENV_DEFAULTS = {"VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS": "3600"}
+
+
+def env_defaults(cuda: bool) -> dict[str, str]:
+    """The environment rlaif gives vLLM unless the user set a variable already."""
+    return dict(_ENV_DEFAULTS) if cuda else {**_ENV_DEFAULTS, **_CPU_ENV_DEFAULTS}
 
 
 def _import_vllm() -> Any:
-    for key, value in _ENV_DEFAULTS.items():
+    import torch
+
+    for key, value in env_defaults(torch.cuda.is_available()).items():
         os.environ.setdefault(key, value)
     try:
         import vllm
