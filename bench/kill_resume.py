@@ -84,10 +84,8 @@ TOPICS = ["bread", "the sea", "Paris", "a poem", "honesty", "a fox", "numbers", 
 
 def worker(pipe: Path, run_dir: Path, events: Path, delay: float) -> None:
     """Run the pipeline, appending ``<phase> <unix time>`` to ``events`` as phases begin."""
-    import rlaif.export
-    import rlaif.export.preferences
     from rlaif.backends import FakeBackend
-    from rlaif.pipeline import load_pipeline, rl_cai, run_pipeline, runner, sl_cai
+    from rlaif.pipeline import judge_stage, load_pipeline, rl_cai, run_pipeline, runner, sl_cai
 
     log = open(events, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 - lives until killed
 
@@ -105,9 +103,9 @@ def worker(pipe: Path, run_dir: Path, events: Path, delay: float) -> None:
 
     hook(sl_cai, "run_gen_step", lambda step, *_: step.split("-")[0])
     hook(rl_cai, "run_gen_step", lambda *_: "sample")
-    hook(runner, "judge_wave", lambda *_: "judge")
-    hook(rlaif.export, "export_sl_cai", lambda *_: "export-sft")
-    hook(rlaif.export.preferences, "export_preferences", lambda *_: "export-prefs")
+    hook(judge_stage, "judge_wave", lambda *_: "judge")
+    hook(runner, "export_sl_cai", lambda *_: "export-sft")
+    hook(judge_stage, "export_preferences", lambda *_: "export-prefs")
 
     class SlowFake(FakeBackend):
         """The fake backend with a sleep per call, standing in for model time."""

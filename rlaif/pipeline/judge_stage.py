@@ -27,6 +27,7 @@ from rlaif.progress import Progress
 from rlaif.sources import PromptItem
 from rlaif.stages import judge as J
 from rlaif.store import Manifest, content_hash
+from rlaif.store.atomic import write_atomic
 
 __all__ = ["SELECT", "judge_and_export", "sample_params"]
 
@@ -37,7 +38,9 @@ def sample_params(cfg: PipelineConfig) -> Any:
     return cfg.stages.sample.params(cfg.seed + 7)
 
 
-SELECT = "judge-select"  # the ledger stage whose entries hold each wave's export records
+SELECT = "judge-select"
+EXPORT = "export-preferences"  # the ledger stage whose entry holds a written export's stats
+MARKER = ".preferences.fingerprint"  # in export/: the fingerprint of the export on disk
 
 
 def judge_and_export(run: Any, manifest: Manifest, traces: Any) -> dict[str, Any]:
@@ -59,10 +62,13 @@ def judge_and_export(run: Any, manifest: Manifest, traces: Any) -> dict[str, Any
     run.worked = run.worked or bool(left)
     settings = PreferenceExportConfig.from_section(cfg.stages.export.preferences)
     export_fp = content_hash([fp, run.waves, dataclasses.asdict(settings)])
-    done = manifest.info.get("export", {}).get("preferences", {})
-    written = (run.run_dir / "export" / "preferences" / "README.md").is_file()
-    if not left and done.get("fingerprint") == export_fp and written:
-        return done  # nothing new since this export was written
+    done = run.ledger.finished(EXPORT, export_fp, 0)
+    marker = run.run_dir / "export" / MARKER
+    written = marker.is_file() and marker.read_text(encoding="utf-8") == export_fp
+    if not left and done is not None and written:
+        # nothing new since this export was written: its statistics stand
+        manifest.info.setdefault("export", {})["preferences"] = done["stats"]
+        return dict(done["stats"])
     calibration = calibrate_judges(run, _all_pairs(run, traces), jcfg, kind)
     per_model: list[list[dict[str, Any]]] = [[] for _ in names]  # calibrated runs' verdicts
     pairs_total = 0
@@ -97,10 +103,11 @@ def judge_and_export(run: Any, manifest: Manifest, traces: Any) -> dict[str, Any
         manifest.set_expected(name, pairs_total + before)
     cal = calibration.record([{r["id"]: r for r in m} for m in per_model], manifest)
     provenance = {**run.provenance(), **cal}
+    marker.unlink(missing_ok=True)  # an export cut short leaves no marker behind
     source = WaveRecords(run.ledger, SELECT, fp, run.waves, stores[0])
     stats = export_preferences(source, run.run_dir, settings, provenance, manifest)
-    stats["fingerprint"] = export_fp
-    manifest.info["export"]["preferences"]["fingerprint"] = export_fp
+    run.ledger.finish(EXPORT, export_fp, 0, stats=manifest.info["export"]["preferences"])
+    write_atomic(marker, export_fp)  # the export on disk is this one
     return stats
 
 

@@ -96,7 +96,7 @@ class _Run:
     def fingerprint(self, stage: str) -> str:
         """What decides the records of ``stage`` (see :mod:`rlaif.pipeline.waves`)."""
         data = self.cfg.to_dict()
-        for key in ("output", "execution", "budget", "name"):
+        for key in ("output", "execution", "budget", "name", "batch_size"):
             data.pop(key, None)
         for key in ("export", "train", "eval"):
             data.get("stages", {}).pop(key, None)

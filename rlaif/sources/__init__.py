@@ -255,10 +255,13 @@ def iter_prompts(
     offset: int,
     limit: int | None,
     label_field: str | None,
+    *,
+    dedup: bool = True,
 ) -> Iterator[PromptItem | dict[str, Any]]:
     """Rows to prompt items, one at a time: the first ``offset`` rows left out, at most
     ``limit`` rows taken (duplicates count), each row checked; a duplicate id is yielded as a
-    skipped row ``{"id", "row", "reason"}``. Memory: one 16-byte digest per id seen."""
+    skipped row ``{"id", "row", "reason"}``. Memory: one 16-byte digest per id seen (none
+    with ``dedup=False``, which yields every row as an item)."""
     seen: set[bytes] = set()
     taken = 0
     index = -1
@@ -287,11 +290,12 @@ def iter_prompts(
                                 file=file, line=line, field=id_field)  # fmt: skip
         else:
             pid = content_hash([list(t) for t in conversation])[:16]
-        digest = hashlib.blake2b(pid.encode("utf-8"), digest_size=16).digest()
-        if digest in seen:
-            yield {"id": pid, "row": line, "reason": "duplicate prompt"}
-            continue
-        seen.add(digest)
+        if dedup:
+            digest = hashlib.blake2b(pid.encode("utf-8"), digest_size=16).digest()
+            if digest in seen:
+                yield {"id": pid, "row": line, "reason": "duplicate prompt"}
+                continue
+            seen.add(digest)
         label = None
         if label_field:
             if row.get(label_field) in (None, ""):

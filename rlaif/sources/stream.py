@@ -3,15 +3,19 @@
 :func:`open_prompt_stream` opens a pipeline's ``prompts:`` section without keeping its prompts:
 :meth:`PromptStream.scan` reads the source once to check every row and count the prompts (so
 bad input still fails before any model runs), and every :meth:`PromptStream.waves` pass reads
-it again, a wave at a time. What stays in memory is one 16-byte digest per prompt id during a
-pass (to find duplicates) and the rows left out (duplicates), never the prompts.
+it again, a wave at a time. What stays in memory is the rows left out (duplicates) and, while
+:meth:`PromptStream.scan` runs, 8 bytes per prompt; never the prompts.
 """
 
 from __future__ import annotations
 
+import hashlib
+from array import array
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from rlaif.errors import DataError
 from rlaif.sources import (
@@ -31,6 +35,10 @@ if TYPE_CHECKING:
     from rlaif.config.schema import PipelineConfig
 
 __all__ = ["PromptStream", "open_prompt_stream"]
+
+
+def _hash64(pid: str) -> int:
+    return int.from_bytes(hashlib.blake2b(pid.encode("utf-8"), digest_size=8).digest(), "little")
 
 
 @dataclass
@@ -54,31 +62,46 @@ class PromptStream:
     count: int = 0
     skipped: list[dict[str, Any]] = field(default_factory=list)
 
-    def _entries(self) -> Iterator[PromptItem | dict[str, Any]]:
+    def _items(self) -> Iterator[PromptItem]:
         return iter_prompts(self.rows(), self.file, self.field, self.id_field, self.offset,
-                            self.limit, self.label_field)  # fmt: skip
+                            self.limit, self.label_field, dedup=False)  # type: ignore[return-value]  # fmt: skip
 
     def scan(self) -> PromptStream:
         """Read the whole source once: check every row, count prompts, note duplicates.
 
+        Duplicates are found without a set of ids: an 8-byte hash per row goes into an array
+        (8 bytes a prompt), rows whose hash repeats are read again to compare their ids, and
+        every later row with an id seen before is left out (the first one is kept).
+
         Raises:
             DataError: a malformed row (file, line, column), or no prompt at all.
         """
-        count, skipped = 0, []
-        for entry in self._entries():
-            if isinstance(entry, PromptItem):
-                count += 1
-            else:
-                skipped.append(entry)
-        if not count:
+        hashes = array("Q")
+        for item in self._items():
+            hashes.append(_hash64(item.id))
+        if not hashes:
             raise DataError("no prompts found", file=self.file, field="prompts.path")
-        self.count, self.skipped = count, skipped
+        h = np.frombuffer(hashes, dtype=np.uint64)
+        values, counts = np.unique(h, return_counts=True)
+        repeated = set(values[counts > 1].tolist())
+        del h, values, counts
+        skipped, seen = [], set()
+        if repeated:
+            for item in self._items():
+                if _hash64(item.id) in repeated:
+                    if item.id in seen:
+                        skipped.append({"id": item.id, "row": item.row,
+                                        "reason": "duplicate prompt"})  # fmt: skip
+                    seen.add(item.id)
+        self.count, self.skipped = len(hashes) - len(skipped), skipped
         return self
 
     def __iter__(self) -> Iterator[PromptItem]:
-        for entry in self._entries():
-            if isinstance(entry, PromptItem):
-                yield entry
+        """The prompts kept by :meth:`scan`, in source order (call :meth:`scan` first)."""
+        left_out = {r["row"] for r in self.skipped}
+        for item in self._items():
+            if item.row not in left_out:
+                yield item
 
     def waves(self, size: int) -> Iterator[list[PromptItem]]:
         """The prompts in source order, ``size`` at a time (the last wave may be shorter)."""
