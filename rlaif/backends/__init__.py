@@ -114,6 +114,7 @@ def load_backend(kind: str, model: str = DEFAULT_MODEL, **options: Any) -> Backe
             options.pop("batch_size", None)
     if kind == "fake":
         options.setdefault("model_id", model)
+        options.setdefault("history", False)  # nobody reads it; a long run would hold it all
         return FakeBackend(**options)
     if kind == "transformers":
         from rlaif.backends.transformers_backend import TransformersBackend

@@ -63,7 +63,9 @@ class FakeBackend(Backend):
         calls: number of ``generate`` + ``score_choices`` calls.
         generated_requests: conversations passed to ``generate`` (each counted once, not ``n``).
         scored_requests: conversations passed to ``score_choices``.
-        history: (method, conversations) of every call, for assertions.
+        history: (method, conversations) of every call, for assertions (kept unless the
+            backend is made with ``history=False``, as a pipeline's ``backend: fake`` is: a
+            long run would otherwise hold every request it sent).
     """
 
     name = "fake"
@@ -77,6 +79,7 @@ class FakeBackend(Backend):
         model_id: str = "fake-model",
         max_context: int | None = None,
         normalize_scores: bool = True,
+        history: bool = True,
     ) -> None:
         self.responses = dict(responses or {})
         self.score_fn = score_fn
@@ -89,6 +92,7 @@ class FakeBackend(Backend):
         self.generated_requests = 0
         self.scored_requests = 0
         self.history: list[tuple[str, list[Conversation]]] = []
+        self._keep_history = history
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -126,7 +130,8 @@ class FakeBackend(Backend):
         """Return ``params.n`` deterministic completions per conversation."""
         self.calls += 1
         self.generated_requests += len(conversations)
-        self.history.append(("generate", [list(c) for c in conversations]))
+        if self._keep_history:
+            self.history.append(("generate", [list(c) for c in conversations]))
         self._check(conversations)
         out: list[list[Completion]] = []
         for conversation in conversations:
@@ -152,7 +157,8 @@ class FakeBackend(Backend):
         """Deterministic log-probabilities of each choice after each conversation."""
         self.calls += 1
         self.scored_requests += len(conversations)
-        self.history.append(("score_choices", [list(c) for c in conversations]))
+        if self._keep_history:
+            self.history.append(("score_choices", [list(c) for c in conversations]))
         self._check(conversations)
         out = []
         for conversation in conversations:
