@@ -393,6 +393,33 @@ def test_two_processes_share_a_cache(tmp_path):
     assert len(lines) == 303 and len({json.loads(x)["key"] for x in lines}) == 303
 
 
+def test_two_cache_objects_interleaving_buffered_writes(tmp_path, monkeypatch):
+    """Each object buffers its index rows; appends by the other are indexed before each of
+    its own, so no key is written twice and the counts stay exact."""
+    monkeypatch.setattr(index_mod, "FLUSH", 7)
+    path = tmp_path / "calls.jsonl"
+    a, b = CallCache(path), CallCache(path)
+    for i in range(30):
+        a.put_many({f"k{i}": "a", f"a{i}": i})
+        b.put_many({f"k{i}": "b", f"k{i + 1}": "b", f"b{i}": i})
+    assert a.get("k0") == "a" and b.get("k0") == "a" and b.get("k30") == "b"
+    assert a.get("k30") is None  # b's last rows are still in its buffer: a miss is safe
+    assert len(b) == len(a) == 91  # len writes its own buffer first (b, then a)
+    assert a.get("k30") == "b"
+    b.close()
+    a.close()
+    keys = [json.loads(x)["key"] for x in path.read_text().splitlines()]
+    assert len(keys) == len(set(keys)) == 91
+    with CallCache(path) as again:
+        assert len(again) == 91 and again.get_many(["k5", "b29"]) == {
+            "k5": "b",
+            "b29": 29,
+        }  # b wrote k5 first
+    path.with_name("calls.index.sqlite").unlink()
+    with CallCache(path) as again:
+        assert len(again) == 91
+
+
 def test_cache_catches_up_lines_another_process_wrote_without_the_index(tmp_path, caplog):
     path = tmp_path / "calls.jsonl"
     cache = CallCache(path)

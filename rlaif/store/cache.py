@@ -9,7 +9,9 @@ crashed run loses at most the batch that was being written (repaired like a stag
 back with ``pread`` on a hit. The file is ``flock``-ed while it is repaired or appended to and
 while the index is written, so several runs may share one cache file: lines never interleave,
 and each sees its own entries plus those the others had written when it opened it (and,
-through the shared index, usually those written since). A key written twice keeps its first
+through the shared index, those they flushed since: index rows are buffered up to
+:data:`rlaif.store.index.FLUSH` entries and written at close; before each append a process
+indexes whatever others appended, so no key is written twice). A key written twice keeps its first
 value (identical calls give identical results, so later copies add nothing). Ask for a batch
 with :meth:`CallCache.get_many` / :meth:`CallCache.contains_many`: one query per batch.
 """
@@ -67,6 +69,7 @@ class CallCache:
         self.hits = 0
         self.misses = 0
         self._ix: Index | None = None
+        self._known_end = self._known_lines = 0  # see _sync
         self._writer: JsonlAppender | None = None
         self._read_fd: int | None = None
         self.load()
@@ -93,10 +96,11 @@ class CallCache:
             with self._flocked():
                 self._sync(None)
 
-    def _sync(self, reason: str | None, fd: int | None = None) -> tuple[int, int]:
+    def _sync(self, reason: str | None, fd: int | None = None) -> None:
         """Under the flock: (re)open the index if needed, rebuild it when it cannot be used
-        (or ``reason`` says so), and index the file's tail. Returns the bytes and lines
-        indexed. ``fd`` (the flock's descriptor) allows a fast path when nothing changed."""
+        (or ``reason`` says so), and index the file's tail (after writing what this object
+        buffered). ``fd``, the flock's descriptor, allows a fast path when nobody else wrote:
+        everything before :attr:`_known_end` is in the index or in this object's buffer."""
         try:
             if self._ix is not None and reason is None:
                 try:
@@ -107,20 +111,19 @@ class CallCache:
                 if reason is not None:
                     self._ix.close()
                     self._ix = None
+                elif fd is not None and os.fstat(fd).st_size == self._known_end:
+                    return
             if self._ix is None:
-                self._ix = Index(self.index_path, "cache")
+                self._ix = Index(self.index_path, "cache", buffered=True)
                 reason = reason or self._ix.open()
-            elif fd is not None and reason is None:
-                cov = self._ix.covered(0)
-                if cov is not None and cov[0] == os.fstat(fd).st_size:
-                    return cov  # nobody wrote since the index was last brought up to date
+            self._ix.flush()  # our rows and coverage first: then only others' lines are new
             reason = reason or self._ix.stale({0: self.path})
             if reason is not None:
                 self._ix.reset(reason, quiet=self.path.stat().st_size == 0)
             reader = self._ix.catch_up(
                 0, self.path, tail="repair", validate=_entry_problem, key=_key, newest=False
             )
-            return reader.end, reader.lines
+            self._known_end, self._known_lines = reader.end, reader.lines
         except sqlite3.Error as exc:
             raise StoreError(f"cannot use the index: {exc}", file=self.index_path) from exc
 
@@ -167,7 +170,18 @@ class CallCache:
 
     def __len__(self) -> int:
         """Entries in the cache (a counter kept in the index)."""
+        self._flush()  # exact even when another process indexed some of our entries
         return self._q(lambda ix: ix.counts()[0], 0)
+
+    def _flush(self) -> None:
+        """Write the buffered index rows (under the flock, like every index write)."""
+        if self._ix is not None and self._ix.dirty:
+            with self._flocked():
+                try:
+                    self._ix.flush()
+                except (sqlite3.Error, OSError):
+                    self._ix.close()  # the rows are in the file: caught up at the next use
+                    self._ix = None
 
     def get(self, key: str, default: Any = None) -> Any:
         """The cached value for ``key`` (counted as a hit), else ``default`` (a miss)."""
@@ -232,7 +246,7 @@ class CallCache:
         if not lines:
             return 0
         with self._flocked() as fd:
-            _, indexed = self._sync(None, fd)  # another process may have appended meanwhile
+            self._sync(None, fd)  # another process may have appended meanwhile
             assert self._ix is not None
             present = self._ix.locs(key for key, _ in lines)
             lines = [(key, data) for key, data in lines if key not in present]
@@ -245,10 +259,10 @@ class CallCache:
             for key, data in lines:
                 entries.append((key, pack(0, offset, 0)))
                 offset += len(data)
-            try:
-                with self._ix.writing():
-                    self._ix.apply(entries, newest=False, prior={})
-                    self._ix.set_coverage(0, self.path, offset, indexed + len(lines), fd)
+            self._known_end, self._known_lines = offset, self._known_lines + len(lines)
+            try:  # buffered: written in one sorted transaction every FLUSH entries
+                self._ix.apply(entries, newest=False, prior={})
+                self._ix.set_coverage(0, self.path, offset, self._known_lines)
             except (sqlite3.Error, OSError) as exc:
                 self._ix.close()
                 self._ix = None  # reopened and caught up from the file on the next use
@@ -277,6 +291,7 @@ class CallCache:
         if self._read_fd is not None:
             os.close(self._read_fd)
             self._read_fd = None
+        self._flush()
         if self._ix is not None:
             self._ix.close()
             self._ix = None

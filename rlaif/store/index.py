@@ -17,10 +17,14 @@ Locations pack ``(file number, byte offset, status code)`` into one integer, so 
 locations orders lines in file order and "newest wins" is ``max``.
 
 Writers use WAL with ``synchronous=NORMAL``: a commit does not fsync, and an index that lags
-after a power cut is caught up from the JSONL tail. A read-only user holds one read
-transaction (its snapshot) and indexes the tail it finds into a private scratch table; when
-the index itself is unusable it builds a private one in a temporary file.
+after a power cut is caught up from the JSONL tail. Writers also buffer rows (see
+:class:`Index`), so the index may lag its JSONL by up to :data:`FLUSH` ids plus a batch.
+A read-only user holds one read transaction (its snapshot) and indexes the tail it finds
+into a private scratch table; when the index itself is unusable it builds a private one in
+a temporary file. (Reading a WAL database, SQLite may leave the empty ``-wal`` and ``-shm``
+files beside it; the next writer uses and removes them.)
 
+SQL text holds constants and ``?`` placeholders only: ids travel as parameters.
 Nothing user-controlled is put into SQL text: ids travel as parameters only.
 """
 
@@ -35,7 +39,8 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from rlaif.store.jsonl import JsonlReader, TailPolicy
+from rlaif.store.jsonl import TailPolicy
+from rlaif.store.tail import TailReader, signature
 
 log = logging.getLogger("rlaif.store")
 
@@ -46,7 +51,6 @@ CHUNK = 500  # ids per query (SQLite's variable limit is 32766; small IN lists p
 _CACHE_KIB = 8192  # page cache of the index; the scratch schema gets a quarter
 FLUSH = 32_768  # a buffered writer's pending ids (~6 MB) before one sorted transaction
 _CHECKPOINT_PAGES = 16_384  # WAL pages between checkpoints (each checkpoint fsyncs twice)
-_SIG = 64  # bytes at each end of the covered prefix kept to notice a replaced file
 _OFFSET_BITS = 38  # 256 GiB per file
 MAX_FILE_NUMBER = (1 << (62 - _OFFSET_BITS - 2)) - 1
 
@@ -62,70 +66,6 @@ def unpack(loc: int) -> tuple[int, int, int]:
     return rest >> _OFFSET_BITS, rest & ((1 << _OFFSET_BITS) - 1), loc & 3
 
 
-class TailReader(JsonlReader):
-    """A :class:`JsonlReader` that starts at byte ``start`` (line ``start_line + 1``).
-
-    ``start`` must be a line boundary (an index's covered length). :attr:`end` and
-    :attr:`lines` count from the start of the file.
-    """
-
-    def __init__(
-        self,
-        path: Path,
-        *,
-        start: int = 0,
-        start_line: int = 0,
-        tail: TailPolicy = "repair",
-        validate: Callable[[Any], str | None] | None = None,
-    ) -> None:
-        super().__init__(path, tail=tail, validate=validate)
-        self.start = self.end = start
-        self.lines = start_line
-
-    def __iter__(self) -> Iterator[tuple[int, Any]]:
-        try:
-            fh = open(self.path, "rb")  # noqa: SIM115 - closed in finally; generator body
-        except FileNotFoundError:
-            return
-        bad: tuple[int, int, str] | None = None
-        offset = self.start
-        try:
-            fh.seek(offset)
-            for lineno, raw in enumerate(fh, start=self.lines + 1):
-                value, problem = self._parse(raw)
-                if problem is None and bad is not None:
-                    from rlaif.errors import StoreError
-
-                    raise StoreError(
-                        f"corrupt record store line: {bad[2]}; fix or remove that line",
-                        file=self.path,
-                        line=bad[1],
-                    )
-                if problem is not None:
-                    if bad is None:
-                        bad = (offset, lineno, problem)
-                else:
-                    self.end = offset + len(raw)
-                    self.lines += 1
-                    yield offset, value
-                offset += len(raw)
-        finally:
-            fh.close()
-        if bad is not None:
-            self._handle_tail(bad, offset)
-
-
-def _signature(path: Path, covered: int, fd: int | None = None) -> tuple[bytes, bytes, int, int]:
-    """``(head, tail, mtime_ns, size)`` of a file whose first ``covered`` bytes are indexed
-    (read through ``fd`` when given, an open descriptor of ``path``)."""
-    if fd is None:
-        with open(path, "rb") as fh:
-            return _signature(path, covered, fh.fileno())
-    st = os.fstat(fd)
-    n = min(_SIG, covered)
-    return os.pread(fd, n, 0), os.pread(fd, n, covered - n), st.st_mtime_ns, st.st_size
-
-
 def _uri(path: Path, mode: str) -> str:
     return f"file:{urllib.parse.quote(str(path.absolute()))}?mode={mode}"
 
@@ -137,10 +77,10 @@ class Index:
         path: the index file, or ``None`` for a private index in a temporary file.
         kind: what it indexes (``"stage"`` / ``"cache"``); an index of another kind is rebuilt.
         readonly: never write the file; see the module docs.
-        buffered: for the only writer of the index (a locked stage): keep up to
-            :data:`FLUSH` updated ids in memory and write them in one sorted transaction
-            (random ids make each small transaction rewrite a page per id). The buffer is
-            looked at first by every query, and lost buffers are caught up from the JSONL.
+        buffered: keep up to :data:`FLUSH` updated ids in memory and write them in one
+            sorted transaction (random ids make each small transaction rewrite a page per
+            id). The buffer is looked at first by this object's queries; other processes
+            see the rows at :meth:`flush`, and a lost buffer is caught up from the JSONL.
     """
 
     def __init__(
@@ -156,6 +96,7 @@ class Index:
         self._delta = [0, 0, 0, 0]  # count changes not in ix.counts (tail or buffer)
         self._pending: dict[str, int] = {}  # buffered: winning locations not written yet
         self._covering: dict[int, tuple[Path, int, int]] = {}  # buffered: n -> coverage
+        self._newest = True  # buffered: how the pending ids were chosen
         self.conn = sqlite3.connect(
             "", isolation_level=None, check_same_thread=False, uri=True, timeout=60
         )
@@ -251,6 +192,11 @@ class Index:
         self._create()
 
     @property
+    def dirty(self) -> bool:
+        """Whether a buffered writer holds rows or coverage not written yet."""
+        return bool(self._pending or self._covering)
+
+    @property
     def overlay(self) -> bool:
         """Whether a read-only user keeps tail rows beside a real index."""
         return self.readonly and not self.private
@@ -269,7 +215,7 @@ class Index:
             if path is None:
                 return f"covers file #{n}, which is gone"
             try:
-                h, t, m, size = _signature(path, covered)
+                h, t, m, size = signature(path, covered)
             except OSError as exc:
                 return f"cannot read {path.name} ({exc.strerror})"
             if covered > size:
@@ -291,7 +237,7 @@ class Index:
         if self.buffered:
             self._covering[n] = (path, covered, lines)
             return
-        head, tail, mtime, _ = _signature(path, covered, fd)
+        head, tail, mtime, _ = signature(path, covered, fd)
         self.conn.execute(
             "INSERT OR REPLACE INTO ix.files VALUES(?, ?, ?, ?, ?, ?)",
             (n, covered, lines, head, tail, mtime),
@@ -397,6 +343,7 @@ class Index:
         if not changed:
             return
         if self.buffered:
+            self._newest = newest
             self._pending.update(changed)
             self._delta = [a + b for a, b in zip(self._delta, delta, strict=True)]
             if len(self._pending) >= FLUSH:
@@ -421,25 +368,26 @@ class Index:
         )
 
     def flush(self) -> None:
-        """Write a buffered writer's pending ids, counters and coverage in one transaction."""
-        if not self.buffered or not (self._pending or self._covering):
+        """Write a buffered writer's pending ids, counters and coverage in one transaction.
+
+        The ids are applied again against what the file holds now (in key order, so each
+        page is written once), so rows another process indexed meanwhile are not counted
+        twice. If this fails the buffer is gone; callers catch up from the JSONL.
+        """
+        if not self.buffered or not self.dirty:
             return
-        self.buffered = False  # write through while flushing
-        try:
-            with self.writing():
-                self.conn.executemany(
-                    "INSERT INTO ix.recs(id, loc) VALUES(?, ?) "
-                    "ON CONFLICT(id) DO UPDATE SET loc = excluded.loc",
-                    sorted(self._pending.items()),  # in key order: each page written once
-                )
-                self._add_counts(self._delta)
-                for n, (path, covered, lines) in self._covering.items():
-                    self.set_coverage(n, path, covered, lines)
-        finally:
-            self.buffered = True
+        items, covering = sorted(self._pending.items()), list(self._covering.items())
         self._pending.clear()
         self._covering.clear()
         self._delta = [0, 0, 0, 0]
+        self.buffered = False  # write through while flushing
+        try:
+            with self.writing():
+                self.apply(items, newest=self._newest)
+                for n, (path, covered, lines) in covering:
+                    self.set_coverage(n, path, covered, lines)
+        finally:
+            self.buffered = True
 
     def catch_up(
         self,
