@@ -96,11 +96,12 @@ class CallCache:
             with self._flocked():
                 self._sync(None)
 
-    def _sync(self, reason: str | None, fd: int | None = None) -> None:
+    def _sync(self, reason: str | None, fd: int | None = None) -> bool:
         """Under the flock: (re)open the index if needed, rebuild it when it cannot be used
         (or ``reason`` says so), and index the file's tail (after writing what this object
         buffered). ``fd``, the flock's descriptor, allows a fast path when nobody else wrote:
-        everything before :attr:`_known_end` is in the index or in this object's buffer."""
+        everything before :attr:`_known_end` is in the index or in this object's buffer.
+        Returns whether it was taken (nothing changed since this object last looked)."""
         try:
             if self._ix is not None and reason is None:
                 try:
@@ -112,7 +113,7 @@ class CallCache:
                     self._ix.close()
                     self._ix = None
                 elif fd is not None and os.fstat(fd).st_size == self._known_end:
-                    return
+                    return True
             if self._ix is None:
                 self._ix = Index(self.index_path, "cache", buffered=True)
                 reason = reason or self._ix.open()
@@ -124,6 +125,7 @@ class CallCache:
                 0, self.path, tail="repair", validate=_entry_problem, key=_key, newest=False
             )
             self._known_end, self._known_lines = reader.end, reader.lines
+            return False
         except sqlite3.Error as exc:
             raise StoreError(f"cannot use the index: {exc}", file=self.index_path) from exc
 
@@ -190,7 +192,10 @@ class CallCache:
             loc = ix.loc(key)
             return _MISSING if loc is None else self._read(key, loc)
 
-        value = self._q(fetch, _MISSING)
+        try:  # the common case without the retry wrapper; a damaged index goes through _q
+            value = fetch(self._ix) if self._ix is not None else self._q(fetch, _MISSING)
+        except (sqlite3.DatabaseError, _Mismatch):
+            value = self._q(fetch, _MISSING)
         if value is _MISSING:
             self.misses += 1
             return default
@@ -246,10 +251,11 @@ class CallCache:
         if not lines:
             return 0
         with self._flocked() as fd:
-            self._sync(None, fd)  # another process may have appended meanwhile
+            if not self._sync(None, fd):  # another process appended meanwhile: ask again
+                assert self._ix is not None
+                present = self._ix.locs(key for key, _ in lines)
+                lines = [(key, data) for key, data in lines if key not in present]
             assert self._ix is not None
-            present = self._ix.locs(key for key, _ in lines)
-            lines = [(key, data) for key, data in lines if key not in present]
             if not lines:
                 return 0
             if self._writer is None:

@@ -101,6 +101,7 @@ class Index:
             "", isolation_level=None, check_same_thread=False, uri=True, timeout=60
         )
         self.conn.execute(f"PRAGMA main.cache_size=-{_CACHE_KIB // 4}")
+        self._cur = self.conn.cursor()  # reused by single lookups (the hot path)
 
     # -- opening ------------------------------------------------------------------------
 
@@ -288,7 +289,7 @@ class Index:
         """The location of one id, or ``None``."""
         if rid in self._pending:
             return self._pending[rid]
-        row = self.conn.execute("SELECT loc FROM ix.recs WHERE id=?", (rid,)).fetchone()
+        row = self._cur.execute("SELECT loc FROM ix.recs WHERE id=?", (rid,)).fetchone()
         if self._tail_rows:
             more = self.conn.execute("SELECT loc FROM main.recs WHERE id=?", (rid,)).fetchone()
             if more is not None and (row is None or more[0] > row[0]):

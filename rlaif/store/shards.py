@@ -55,6 +55,10 @@ class _Mismatch(Exception):
     """The index pointed at a line that is not the id's record (a damaged index)."""
 
 
+def _loc_of(rid: str) -> Callable[[Index], int | None]:
+    return lambda ix: ix.loc(rid)
+
+
 def _key(record: dict[str, Any]) -> tuple[str, int]:
     return record["id"], CODE[record["status"]]
 
@@ -98,6 +102,7 @@ class StageStore:
         self.readonly = readonly
         self._ix: Index | None = None
         self._stale = False  # an index write failed: recover from the JSONL before use
+        self._memo: tuple[str, int | None] | None = None  # the last single lookup
         self._shards: list[Path] = []
         self._nums: list[int] = []  # shard numbers (from the file names), in order
         self._pos: dict[int, int] = {}  # shard number -> position in _shards
@@ -150,6 +155,7 @@ class StageStore:
         shard's lines beyond its coverage and note the committed ends."""
         if self._ix is not None:
             self._ix.close()
+        self._memo = None
         ix = self._ix = Index(
             self.path / INDEX_NAME, "stage", readonly=readonly, buffered=not readonly
         )
@@ -215,7 +221,15 @@ class StageStore:
     def _loc(self, rid: object) -> int | None:
         if not isinstance(rid, str):
             return None
-        return self._q(lambda ix: ix.loc(rid))
+        if self._memo is not None and self._memo[0] == rid:
+            return self._memo[1]  # callers often ask is_done(rid), then get(rid)
+        ix = self._ix
+        try:  # the common case without the retry wrapper; a damaged index goes through _q
+            loc = ix.loc(rid) if ix is not None and not self._stale else self._q(_loc_of(rid))
+        except sqlite3.DatabaseError:
+            loc = self._q(_loc_of(rid))
+        self._memo = (rid, loc)
+        return loc
 
     def __len__(self) -> int:
         """Number of distinct ids with a record (any status); kept in the index, not counted."""
@@ -283,7 +297,13 @@ class StageStore:
             loc = ix.loc(rid)
             return None if loc is None else self._read(rid, loc)
 
-        return self._q(fetch)
+        loc = self._loc(rid)
+        if loc is None:
+            return None
+        with contextlib.suppress(_Mismatch):
+            return self._read(rid, loc)
+        self._memo = None
+        return self._q(fetch)  # rebuilds the index, then asks again
 
     def get_many(self, ids: Iterable[str], *, done_only: bool = False) -> dict[str, dict[str, Any]]:
         """``id -> newest record`` for the ids among ``ids`` that have one.
@@ -367,6 +387,7 @@ class StageStore:
         if self.readonly:
             raise StoreError(f"stage '{self.stage}' was opened read-only", file=self.path)
         encoded = [encode_record(record, position) for position, record in enumerate(records)]
+        self._memo = None
         prior = self._q(lambda ix: ix.locs(rid for rid, _, _ in encoded))
         batch: list[tuple[str, int, bytes]] = []
         accepted: dict[str, int] = {}
