@@ -119,7 +119,6 @@ def test_damage_found_after_open_is_repaired_not_raised(tmp_path):
     with StageStore(tmp_path, "s") as store:
         assert store.get("r1") == ok("r1", n=1)
         _garbage(stage_dir(tmp_path) / "index.sqlite")  # under an open store
-        os.unlink(f"{stage_dir(tmp_path) / 'index.sqlite'}-wal")
         assert store.get("r1999") == ok("r1999", n=1999)
         assert len(store) == 2000 and store.is_done("r7")
 
@@ -321,7 +320,10 @@ def test_ids_are_parameters_never_sql(tmp_path):
 # -- readers and writers --------------------------------------------------------------------------
 
 
-def test_readonly_sees_what_was_committed_when_loaded(tmp_path):
+@pytest.mark.parametrize("flush", [5, index_mod.FLUSH], ids=["writer-flushes", "buffered"])
+def test_readonly_sees_what_was_committed_when_loaded(tmp_path, monkeypatch, flush, caplog):
+    caplog.set_level(logging.INFO, logger="rlaif.store")
+    monkeypatch.setattr(index_mod, "FLUSH", flush)
     writer = StageStore(tmp_path, "s", shard_size=50)
     writer.append([ok(f"a{i}") for i in range(80)] + [err("e")])
     reader = StageStore(tmp_path, "s", readonly=True, shard_size=50)
@@ -330,10 +332,28 @@ def test_readonly_sees_what_was_committed_when_loaded(tmp_path):
     assert reader.counts() == {"ok": 80, "error": 1, "skipped": 0}
     assert [r["id"] for r in reader.iter_records()] == [f"a{i}" for i in range(80)] + ["e"]
     assert reader.get_many(["a1", "b1", "e"]) == {"a1": ok("a1"), "e": err("e")}
+    moved = any("written since it was loaded" in r.getMessage() for r in caplog.records)
+    assert moved == (flush == 5)  # the writer's rows reached the index: a private view
     reader.load()  # refresh
     assert len(reader) == 161 and reader.status_of("e") == "ok" and "b79" in reader
     reader.close()
     writer.close()
+
+
+def test_readonly_changes_nothing_in_the_folder(tmp_path):
+    fill(tmp_path, 300, shard_size=100)
+    folder = stage_dir(tmp_path)
+
+    def tree():
+        return {
+            p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in [folder, *folder.iterdir()]
+        }
+
+    before = tree()
+    with StageStore(tmp_path, "s", readonly=True) as reader:
+        assert len(reader) == 300 and reader.done_many(["r1", "x"]) == {"r1"}
+        assert len(list(reader.iter_records())) == 300
+    assert tree() == before
 
 
 def test_readonly_creates_and_repairs_nothing(tmp_path):

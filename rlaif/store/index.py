@@ -16,13 +16,15 @@ of another version or claims bytes the files do not hold is rebuilt from the JSO
 Locations pack ``(file number, byte offset, status code)`` into one integer, so ordering
 locations orders lines in file order and "newest wins" is ``max``.
 
-Writers use WAL with ``synchronous=NORMAL``: a commit does not fsync, and an index that lags
-after a power cut is caught up from the JSONL tail. Writers also buffer rows (see
-:class:`Index`), so the index may lag its JSONL by up to :data:`FLUSH` ids plus a batch.
-A read-only user holds one read transaction (its snapshot) and indexes the tail it finds
-into a private scratch table; when the index itself is unusable it builds a private one in
-a temporary file. (Reading a WAL database, SQLite may leave the empty ``-wal`` and ``-shm``
-files beside it; the next writer uses and removes them.)
+Writers buffer rows (see :class:`Index`) and write them in rare, large transactions, so
+the index may lag its JSONL by up to :data:`FLUSH` ids plus a batch; a lost buffer is
+caught up from the JSONL tail. The journal is SQLite's rollback journal, not WAL: a
+read-only user then creates no file at all (WAL readers create ``-wal`` / ``-shm``), and no
+reader holds a lock for long, so a writer is never kept waiting. A read-only user reads the
+coverage and counters in one short transaction and indexes the tail it finds into a private
+scratch table; afterwards it notices any location past what it loaded (a concurrent writer)
+and then builds a private index of what it loaded, in a temporary file, as it does when
+the index itself is unusable.
 
 SQL text holds constants and ``?`` placeholders only: ids travel as parameters.
 Nothing user-controlled is put into SQL text: ids travel as parameters only.
@@ -44,15 +46,18 @@ from rlaif.store.tail import TailReader, signature
 
 log = logging.getLogger("rlaif.store")
 
-__all__ = ["CHUNK", "FLUSH", "Index", "TailReader", "pack", "unpack"]
+__all__ = ["CHUNK", "FLUSH", "Index", "Moved", "TailReader", "pack", "unpack"]
 
 SCHEMA_VERSION = 1
 CHUNK = 500  # ids per query (SQLite's variable limit is 32766; small IN lists plan well)
 _CACHE_KIB = 8192  # page cache of the index; the scratch schema gets a quarter
 FLUSH = 32_768  # a buffered writer's pending ids (~6 MB) before one sorted transaction
-_CHECKPOINT_PAGES = 16_384  # WAL pages between checkpoints (each checkpoint fsyncs twice)
 _OFFSET_BITS = 38  # 256 GiB per file
 MAX_FILE_NUMBER = (1 << (62 - _OFFSET_BITS - 2)) - 1
+
+
+class Moved(Exception):
+    """A read-only user's query met a location past what it loaded (a writer is at work)."""
 
 
 def pack(number: int, offset: int, code: int) -> int:
@@ -97,6 +102,8 @@ class Index:
         self._pending: dict[str, int] = {}  # buffered: winning locations not written yet
         self._covering: dict[int, tuple[Path, int, int]] = {}  # buffered: n -> coverage
         self._newest = True  # buffered: how the pending ids were chosen
+        self._frozen: list[int] | None = None  # read-only: the counters when loaded
+        self.horizon: Callable[[int], bool] | None = None  # read-only: is a location new?
         self.conn = sqlite3.connect(
             "", isolation_level=None, check_same_thread=False, uri=True, timeout=60
         )
@@ -109,7 +116,8 @@ class Index:
         """Attach the index file; return why it cannot be used (``None`` when it can).
 
         ``"no index"`` means there is none yet; :meth:`reset` then makes an empty one (a
-        private one when read-only). Read-only, the snapshot starts here.
+        private one when read-only). Read-only, a read transaction starts here and lasts
+        until :meth:`release`.
         """
         if self.path is None or not self.path.exists() or self.path.stat().st_size == 0:
             return "no index"
@@ -134,10 +142,8 @@ class Index:
         return None
 
     def _pragmas(self) -> None:
-        self.conn.execute("PRAGMA ix.journal_mode=WAL")
+        self.conn.execute("PRAGMA ix.journal_mode=DELETE")
         self.conn.execute("PRAGMA ix.synchronous=NORMAL")
-        self.conn.execute(f"PRAGMA ix.wal_autocheckpoint={_CHECKPOINT_PAGES}")
-        self.conn.execute("PRAGMA ix.journal_size_limit=67108864")
 
     def _create(self) -> None:
         c = self.conn
@@ -164,13 +170,15 @@ class Index:
 
     def reset(self, reason: str, *, quiet: bool = False) -> None:
         """Start an empty index because the old one cannot be used (logged as one line)."""
-        if reason == "no index":
-            if not quiet:
-                log.info("%s: no index yet; building it from the JSONL", self.path)
+        if quiet:
+            pass
+        elif reason == "no index":
+            log.info("%s: no index yet; building it from the JSONL", self.path)
         else:
             log.warning("%s: index %s; rebuilding it from the JSONL", self.path, reason)
         self._delta = [0, 0, 0, 0]
         self._tail_rows = 0
+        self._frozen = self.horizon = None
         self._pending.clear()
         self._covering.clear()
         c = self.conn
@@ -185,7 +193,7 @@ class Index:
             if self.readonly:
                 c.execute("BEGIN")
             return
-        for suffix in ("", "-wal", "-shm", "-journal"):
+        for suffix in ("", "-journal", "-wal", "-shm"):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(f"{self.path}{suffix}")
         c.execute("ATTACH DATABASE ? AS ix", (_uri(self.path, "rwc"),))
@@ -201,6 +209,14 @@ class Index:
     def overlay(self) -> bool:
         """Whether a read-only user keeps tail rows beside a real index."""
         return self.readonly and not self.private
+
+    def release(self, horizon: Callable[[int], bool] | None) -> None:
+        """Read-only: end the loading transaction, keeping the counters it saw; from now on
+        a location for which ``horizon`` is true raises :class:`Moved`."""
+        if self.readonly and self.conn.in_transaction:
+            self._frozen = self.counts()
+            self.conn.execute("COMMIT")
+            self.horizon = None if self.private else horizon
 
     # -- coverage -----------------------------------------------------------------------
 
@@ -283,6 +299,8 @@ class Index:
             for rid, loc in self._in("main.recs", ids):
                 if loc > found.get(rid, -1):
                     found[rid] = loc
+        if self.horizon is not None and any(map(self.horizon, found.values())):
+            raise Moved("a location past what was loaded")
         return found
 
     def loc(self, rid: str) -> int | None:
@@ -290,15 +308,24 @@ class Index:
         if rid in self._pending:
             return self._pending[rid]
         row = self._cur.execute("SELECT loc FROM ix.recs WHERE id=?", (rid,)).fetchone()
+        loc = None if row is None else row[0]
         if self._tail_rows:
             more = self.conn.execute("SELECT loc FROM main.recs WHERE id=?", (rid,)).fetchone()
-            if more is not None and (row is None or more[0] > row[0]):
-                return more[0]
-        return None if row is None else row[0]
+            if more is not None and (loc is None or more[0] > loc):
+                loc = more[0]
+        if loc is not None and self.horizon is not None and self.horizon(loc):
+            raise Moved(rid)
+        return loc
 
     def scan(self) -> Iterator[tuple[str, int]]:
         """Every ``(id, location)``, in id order."""
         self.flush()
+        for rid, loc in self._scan():
+            if self.horizon is not None and self.horizon(loc):
+                raise Moved(rid)
+            yield rid, loc
+
+    def _scan(self) -> Iterator[tuple[str, int]]:
         if not self._tail_rows:
             yield from self.conn.execute("SELECT id, loc FROM ix.recs")
             return
@@ -311,6 +338,8 @@ class Index:
 
     def counts(self) -> list[int]:
         """Ids per status code (4 counters, kept in the index; nothing is scanned)."""
+        if self._frozen is not None:
+            return list(self._frozen)
         out = [0, 0, 0, 0]
         for code, n in self.conn.execute("SELECT code, n FROM ix.counts"):
             out[code] = n + self._delta[code]
@@ -400,6 +429,7 @@ class Index:
         key: Callable[[Any], tuple[str, int]],
         newest: bool,
         batch: int = 4096,
+        stop: int | None = None,
     ) -> TailReader:
         """Index the lines of file ``n`` beyond what the index covers; return the reader.
 
@@ -409,7 +439,9 @@ class Index:
         """
         cov = self.covered(n)
         covered, lines = cov if cov is not None else (0, 0)
-        reader = TailReader(path, start=covered, start_line=lines, tail=tail, validate=validate)
+        reader = TailReader(
+            path, start=covered, start_line=lines, tail=tail, validate=validate, stop=stop
+        )
         entries: list[tuple[str, int]] = []
         for offset, value in reader:
             rid, code = key(value)
@@ -427,9 +459,8 @@ class Index:
         return reader
 
     def close(self) -> None:
-        """Write what is buffered and close the connection (a writer's last close
-        checkpoints and drops the WAL). A buffer that cannot be written is caught up from
-        the JSONL at the next open."""
+        """Write what is buffered and close the connection. A buffer that cannot be written
+        is caught up from the JSONL at the next open."""
         try:
             self.flush()
         except (sqlite3.Error, OSError) as exc:

@@ -33,7 +33,7 @@ from typing import Any, TypeVar
 
 from rlaif.errors import StoreError
 from rlaif.store.atomic import fsync_dir
-from rlaif.store.index import CHUNK, MAX_FILE_NUMBER, Index, pack, unpack
+from rlaif.store.index import MAX_FILE_NUMBER, Index, Moved, log, pack, unpack
 from rlaif.store.jsonl import JsonlAppender, decode_line, read_line_at
 from rlaif.store.lock import FileLock
 from rlaif.store.records import CODE, STATUSES, encode_record, record_problem
@@ -150,9 +150,12 @@ class StageStore:
         self._pos = {n: i for i, n in enumerate(self._nums)}
         self._attach(self.readonly)
 
-    def _attach(self, readonly: bool, reason: str | None = None) -> None:
+    def _attach(
+        self, readonly: bool, reason: str | None = None, upto: list[int] | None = None
+    ) -> None:
         """Open the index (rebuilt when unusable or ``reason`` says so), then index every
-        shard's lines beyond its coverage and note the committed ends."""
+        shard's lines beyond its coverage (up to ``upto`` bytes per shard) and note the
+        committed ends."""
         if self._ix is not None:
             self._ix.close()
         self._memo = None
@@ -163,21 +166,29 @@ class StageStore:
             files = dict(zip(self._nums, self._shards, strict=True))
             reason = reason or ix.open() or ix.stale(files)
             if reason is not None:
-                ix.reset(reason, quiet=not self._shards)
+                ix.reset(reason, quiet=not self._shards or upto is not None)
             self._ends, self._last_lines = [], 0
             for i, (n, shard) in enumerate(files.items()):
                 last = i == len(files) - 1
                 # Only the last shard can hold an unfinished batch: a shard is fsynced before
                 # the next one is created, so a torn line anywhere else is corruption.
                 tail = ("ignore" if readonly else "repair") if last else "error"
+                stop = None if upto is None else upto[i]
                 reader = ix.catch_up(
-                    n, shard, tail=tail, validate=record_problem, key=_key, newest=True
+                    n, shard, tail=tail, validate=record_problem, key=_key, newest=True, stop=stop
                 )
                 self._ends.append(reader.end)
                 self._last_lines = reader.lines
+            ix.release(self._beyond)
         except sqlite3.Error as exc:
             raise StoreError(f"cannot use the index: {exc}", file=self.path / INDEX_NAME) from exc
         self._stale = False
+
+    def _beyond(self, loc: int) -> bool:
+        """Whether a location is past what this (read-only) store loaded."""
+        number, offset, _ = unpack(loc)
+        i = self._pos.get(number)
+        return i is None or offset >= self._ends[i]
 
     def _q(self, fn: Callable[[Index], _T]) -> _T:
         """Run an index query; a damaged index is rebuilt from the shards and asked again."""
@@ -188,8 +199,13 @@ class StageStore:
         assert self._ix is not None
         try:
             return fn(self._ix)
+        except Moved:
+            # A writer moved on since we loaded: index privately what we loaded, as before.
+            log.info("%s: written since it was loaded; indexing the loaded part", self.path)
+            self._attach(True, "moved on", upto=list(self._ends))
+            return fn(self._ix)
         except (sqlite3.DatabaseError, _Mismatch) as exc:
-            self._attach(self.readonly, f"unreadable: {exc}")
+            self._attach(self._ix.readonly, f"unreadable: {exc}")
             try:
                 return fn(self._ix)
             except _Mismatch as again:
@@ -226,7 +242,7 @@ class StageStore:
         ix = self._ix
         try:  # the common case without the retry wrapper; a damaged index goes through _q
             loc = ix.loc(rid) if ix is not None and not self._stale else self._q(_loc_of(rid))
-        except sqlite3.DatabaseError:
+        except (sqlite3.DatabaseError, Moved):
             loc = self._q(_loc_of(rid))
         self._memo = (rid, loc)
         return loc
@@ -266,24 +282,9 @@ class StageStore:
 
     def pending(self, ids: Iterable[str]) -> list[str]:
         """The ids from ``ids`` that still need work, in order, without repeats."""
-        seen: set[str] = set()
-        out: list[str] = []
-        chunk: list[str] = []
-
-        def flush() -> None:
-            done = self.done_many(chunk)
-            for rid in chunk:
-                if rid not in seen and rid not in done:
-                    seen.add(rid)
-                    out.append(rid)
-            chunk.clear()
-
-        for rid in ids:
-            chunk.append(rid)
-            if len(chunk) >= CHUNK * 8:
-                flush()
-        flush()
-        return out
+        unique = list(dict.fromkeys(ids))
+        done = self.done_many(unique)
+        return [rid for rid in unique if rid not in done]
 
     def counts(self) -> dict[str, int]:
         """Number of ids per status of their newest record (counters kept in the index)."""

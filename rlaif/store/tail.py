@@ -23,8 +23,9 @@ _SIG = 64  # bytes at each end of the covered prefix kept to notice a replaced f
 class TailReader(JsonlReader):
     """A :class:`JsonlReader` that starts at byte ``start`` (line ``start_line + 1``).
 
-    ``start`` must be a line boundary (an index's covered length). :attr:`end` and
-    :attr:`lines` count from the start of the file.
+    ``start`` must be a line boundary (an index's covered length); lines from ``stop`` on
+    (a line boundary too) are not read. :attr:`end` and :attr:`lines` count from the start
+    of the file.
     """
 
     def __init__(
@@ -35,8 +36,10 @@ class TailReader(JsonlReader):
         start_line: int = 0,
         tail: TailPolicy = "repair",
         validate: Callable[[Any], str | None] | None = None,
+        stop: int | None = None,
     ) -> None:
         super().__init__(path, tail=tail, validate=validate)
+        self.stop = stop
         self.start = self.end = start
         self.lines = start_line
 
@@ -50,6 +53,8 @@ class TailReader(JsonlReader):
         try:
             fh.seek(offset)
             for lineno, raw in enumerate(fh, start=self.lines + 1):
+                if self.stop is not None and offset >= self.stop:
+                    break
                 value, problem = self._parse(raw)
                 if problem is None and bad is not None:
                     raise StoreError(
