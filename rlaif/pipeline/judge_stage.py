@@ -40,7 +40,7 @@ def sample_params(cfg: PipelineConfig) -> Any:
 
 SELECT = "judge-select"
 EXPORT = "export-preferences"  # the ledger stage whose entry holds a written export's stats
-MARKER = ".preferences.fingerprint"  # in export/: the fingerprint of the export on disk
+MARKER = ".fingerprint.preferences"  # in export/: the fingerprint of the export on disk
 
 
 def judge_and_export(run: Any, manifest: Manifest, traces: Any) -> dict[str, Any]:
