@@ -51,16 +51,20 @@ def sample_wave(
     progress: Progress,
 ) -> dict[str, list[str]]:
     """``params.n`` responses per prompt (prompt id -> texts; failed prompts are absent)."""
-    ctx_requests = {}
-    for item in items:
-        r = book.render("respond", conversation=item.messages(), system=system)
-        ctx_requests[item.id] = GenRequest(r.messages, params, r.template_hash)
-    records = run_gen_step("sample", ctx_requests, store, caller, progress)
-    out = {}
-    for pid, rec in records.items():
-        if rec["status"] == "ok":
-            out[pid] = [cai.clean(t) for t in rec.get("texts") or [rec["text"]]]
-    return out
+    requests = {i.id: _sample_request(i, params, book, system) for i in items}
+    records = run_gen_step("sample", requests, store, caller, progress)
+    return {pid: _texts(rec) for pid, rec in records.items() if rec["status"] == "ok"}
+
+
+def _sample_request(
+    item: PromptItem, params: SamplingParams, book: PromptBook, system: str | None
+) -> GenRequest:
+    r = book.render("respond", conversation=item.messages(), system=system)
+    return GenRequest(r.messages, params, r.template_hash)
+
+
+def _texts(rec: dict[str, Any]) -> list[str]:
+    return [cai.clean(t) for t in rec.get("texts") or [rec["text"]]]
 
 
 def read_samples(
@@ -76,10 +80,9 @@ def read_samples(
     only: the policy model is never called (it may be closed already)."""
     out = {}
     for item in items:
-        r = book.render("respond", conversation=item.messages(), system=system)
-        rec = store.get(step_id("sample", GenRequest(r.messages, params, r.template_hash), caller))
+        rec = store.get(step_id("sample", _sample_request(item, params, book, system), caller))
         if rec is not None and rec["status"] == "ok":
-            out[item.id] = [cai.clean(t) for t in rec.get("texts") or [rec["text"]]]
+            out[item.id] = _texts(rec)
     return out
 
 
