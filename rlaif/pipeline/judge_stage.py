@@ -56,9 +56,14 @@ def judge_and_export(run: Any, manifest: Manifest, traces: Any) -> dict[str, Any
     # A calibrated run judges every wave again (from its records, no model call): the rates it
     # reports are over every judged pair.
     stores = [run.store(n) for n in names]
-    left = [
-        w for w in range(run.waves) if calibrated or run.finished(SELECT, fp, w, stores) is None
-    ]
+    left: list[int] = []
+    before = 0  # pairs of the waves finished before this run (their ledger entries count them)
+    for w in range(run.waves):
+        entry = run.finished(SELECT, fp, w, stores)
+        if calibrated or entry is None:
+            left.append(w)
+        else:
+            before += entry.get("pairs", 0)
     run.worked = run.worked or bool(left)
     settings = PreferenceExportConfig.from_section(cfg.stages.export.preferences)
     export_fp = content_hash([fp, run.waves, dataclasses.asdict(settings)])
@@ -74,7 +79,6 @@ def judge_and_export(run: Any, manifest: Manifest, traces: Any) -> dict[str, Any
     pairs_total = 0
     how = jcfg.mode if kind.kind in ("auto", "ai") else kind.kind
     waves = LazyWaves(run.prompts)
-    before = _pairs_before(run, fp, left)
     per_prompt = math.comb(cfg.stages.sample.n, 2) if cfg.stages.sample else 0
     per_prompt += 1 if traces is not None and jstage.cai_sl else 0
     estimate = before + per_prompt * sum(_wave_size(run, w) for w in left)  # at most
@@ -117,16 +121,6 @@ def _pair_key(r: dict[str, Any]) -> tuple[str, str, int, int]:
 
 def _wave_size(run: Any, w: int) -> int:
     return min(WAVE, run.prompts.count - w * WAVE)
-
-
-def _pairs_before(run: Any, fp: str, left: list[int]) -> int:
-    """Pairs of the waves finished before this run (their ledger entries count them)."""
-    skip = set(left)
-    return sum(
-        (run.ledger.finished(SELECT, fp, w) or {}).get("pairs", 0)
-        for w in range(run.waves)
-        if w not in skip
-    )
 
 
 def _samples_of(run: Any, wave: list[PromptItem]) -> dict[str, list[str]]:

@@ -78,12 +78,13 @@ def read_samples(
     """The responses :func:`sample_wave` recorded for ``items`` (prompt id -> texts, in
     ``items`` order; prompts whose sampling failed or never ran are absent). Reads the store
     only: the policy model is never called (it may be closed already)."""
-    out = {}
-    for item in items:
-        rec = store.get(step_id("sample", _sample_request(item, params, book, system), caller))
-        if rec is not None and rec["status"] == "ok":
-            out[item.id] = _texts(rec)
-    return out
+    ids = {i.id: step_id("sample", _sample_request(i, params, book, system), caller) for i in items}
+    found = store.get_many(ids.values())
+    return {
+        pid: _texts(found[rid])
+        for pid, rid in ids.items()
+        if rid in found and found[rid]["status"] == "ok"
+    }
 
 
 def judge_wave(

@@ -20,6 +20,7 @@ import dataclasses
 import sys
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -88,7 +89,7 @@ class _Run:
     def waves(self) -> int:
         return -(-self.prompts.count // WAVE)
 
-    @property
+    @cached_property
     def items(self) -> list[PromptItem]:
         """Every prompt in memory (the contrast stage's; the RL-CAI chain reads waves)."""
         return list(self.prompts)
@@ -337,7 +338,9 @@ class _Traces:
         return record_id(TRACE_STAGE, {"prompt": item.messages(), **self.key})
 
     def wave(self, items: list[PromptItem]) -> list[dict[str, Any]]:
-        return [self.store.get(self.trace_id(i)) for i in items]  # type: ignore[misc]
+        ids = [self.trace_id(i) for i in items]
+        found = self.store.get_many(ids)
+        return [found.get(rid) for rid in ids]  # type: ignore[misc]
 
     def __iter__(self) -> Any:
         for items in self.run.prompts.waves(WAVE):
