@@ -19,6 +19,7 @@ import re
 import stat
 import threading
 import traceback
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from rlaif.prompts.sandbox import (
     collect_messages,
     make_environment,
 )
+from rlaif.prompts.slots import SlotMessages, marker, plain_names
 from rlaif.resources import resource_dir
 
 SUFFIX = ".jinja"
@@ -71,6 +73,8 @@ class _Entry:
     # and their ``lstat`` signatures when the entry was last found fresh; None: always check.
     probe_paths: tuple[str, ...] = ()
     probe: tuple[tuple[int, ...] | None, ...] | None = None
+    # Variables every file of the snapshot only prints inside message blocks (see slots.py).
+    plain: frozenset[str] = frozenset()
 
 
 class PromptBook:
@@ -221,6 +225,7 @@ class PromptBook:
         sources: dict[str, tuple[str, Path]] = {}
         raw: dict[str, bytes] = {}
         stamps: dict[Path, tuple[int, int]] = {}
+        trees: list[nodes.Template] = []
         pending = [(top, path)]
         while pending:
             filename, file = pending.pop()
@@ -242,6 +247,7 @@ class PromptBook:
                 raise ConfigError(
                     f"template '{name}': syntax error: {exc.message}", file=file, line=exc.lineno
                 ) from exc
+            trees.append(ast)
             for node in ast.find_all(_LOADS):
                 pending.append(self._resolve_ref(name, file, node))
         digest = hashlib.sha256(raw[top])
@@ -258,7 +264,9 @@ class PromptBook:
                 f"template '{name}': {exc.message}", file=exc.filename or path, line=exc.lineno
             ) from exc
         files = {filename: file for filename, (_, file) in sources.items()}
-        return _Entry(path, template, digest.hexdigest(), files, stamps, self._probe_paths(files))
+        probes = self._probe_paths(files)
+        plain = plain_names(trees)
+        return _Entry(path, template, digest.hexdigest(), files, stamps, probes, plain=plain)
 
     def _resolve_ref(self, name: str, file: Path, node: nodes.Node) -> tuple[str, Path]:
         """Check one ``include`` / ``import`` / ``extends`` target; return its name and file."""
@@ -316,6 +324,36 @@ class PromptBook:
             # the template line that raised it.
             raise self._render_error(name, entry, exc) from exc
         return RenderedPrompt(messages=messages, template=name, template_hash=entry.hash)
+
+    def render_many(
+        self, name: str, fills: Sequence[Mapping[str, Any]], **context: Any
+    ) -> list[RenderedPrompt]:
+        """``[self.render(name, **context, **fill) for fill in fills]``, rendered once.
+
+        Where the template only prints the ``fills``' variables inside message blocks and
+        their values are strings, the template renders once with markers for them, which each
+        fill replaces (:mod:`rlaif.prompts.slots`): the same messages at a fraction of the
+        cost. Otherwise each fill is rendered in full. Errors are those of :meth:`render`.
+        """
+        names = list(fills[0]) if fills else []
+        entry = self._entry(name)
+        if (
+            len(fills) < 2
+            or not entry.plain.issuperset(names)
+            or any(list(f) != names or any(type(v) is not str for v in f.values()) for f in fills)
+            or not context.keys().isdisjoint(names)
+            or RESERVED_NAMES.intersection(context)
+        ):
+            return [self.render(name, **context, **fill) for fill in fills]
+        markers = {n: marker(k) for k, n in enumerate(names)}
+        try:
+            slotted = SlotMessages(collect_messages(entry.template, {**context, **markers}), names)
+        except Exception:  # rendered again the ordinary way, which reports it
+            return [self.render(name, **context, **fill) for fill in fills]
+        return [
+            RenderedPrompt(messages=slotted.fill(f), template=name, template_hash=entry.hash)
+            for f in fills
+        ]
 
     def _render_error(self, name: str, entry: _Entry, exc: Exception) -> ConfigError:
         if isinstance(exc, SecurityError):
