@@ -23,7 +23,7 @@ from typing import Any
 from rlaif.backends.base import Backend, ChoiceScores, Completion, Conversation, SamplingParams
 from rlaif.calls.budget import Budget, Usage, usage_of_completions
 from rlaif.errors import BackendError, ModelError, RlaifError
-from rlaif.store import CallCache, cache_key
+from rlaif.store import CallCache, Encoded, cache_key
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +90,16 @@ class CallStats:
         return dict(self.__dict__)
 
 
+def encoded_messages(req: GenRequest | ScoreRequest) -> Encoded:
+    """The request's messages as canonical JSON, encoded once: a request's cache key and the
+    id of the record that holds its messages both hash them. Requests are not changed after
+    they are built, so the encoding is kept on the request."""
+    enc = req.__dict__.get("_messages_json")
+    if enc is None:
+        enc = req.__dict__["_messages_json"] = Encoded(req.messages)
+    return enc
+
+
 def request_key(model: str, revision: str | None, req: GenRequest | ScoreRequest) -> str:
     """The call-cache key of a request to ``model`` at ``revision``."""
     if isinstance(req, ScoreRequest):
@@ -99,7 +109,7 @@ def request_key(model: str, revision: str | None, req: GenRequest | ScoreRequest
     return cache_key(
         model=model,
         revision=revision,
-        messages=req.messages,
+        messages=encoded_messages(req),
         params=params,
         template_hash=req.template_hash,
         kind=kind,
@@ -229,8 +239,9 @@ class ModelCaller:
         # the batches of an uninterrupted one (see ``_send``).
         first: dict[str, int] = {}
         copies: dict[int, list[int]] = {}
+        cached = self.cache.get_many(keys)  # one index query per batch of keys
         for i, k in enumerate(keys):
-            hit = self.cache.get(k)
+            hit = cached.get(k)
             if hit is not None:
                 results[i] = decode(hit)
                 self.stats.cache_hits += 1

@@ -8,6 +8,7 @@ counted in the manifest.
 from rlaif.store.cache import CallCache
 from rlaif.store.hashing import (
     CanonicalJSONError,
+    Encoded,
     cache_key,
     canonical_json,
     content_hash,
@@ -22,6 +23,7 @@ __all__ = [
     "STATUSES",
     "CallCache",
     "CanonicalJSONError",
+    "Encoded",
     "Manifest",
     "RunLock",
     "StageStore",

@@ -22,6 +22,7 @@ from rlaif.errors import StoreError
 __all__ = [
     "RECORD_ID_HEX",
     "CanonicalJSONError",
+    "Encoded",
     "cache_key",
     "canonical_json",
     "content_hash",
@@ -81,6 +82,8 @@ def _normalize(obj: Any, path: str) -> Any:
         return out
     if isinstance(obj, (list, tuple)):
         return [_normalize(v, f"{path}[{i}]") for i, v in enumerate(obj)]
+    if isinstance(obj, Encoded):
+        return json.loads(obj.text)
     raise CanonicalJSONError(f"value at {path} is a {type(obj).__name__}, which is not JSON")
 
 
@@ -113,14 +116,21 @@ def _plain(obj: Any) -> Any:
         if obj.is_integer() and -_EXACT_INT_LIMIT < obj < _EXACT_INT_LIMIT:
             return int(obj)
         return obj
+    if t is Encoded:
+        raise _Splice
     return _normalize(obj, "$")
+
+
+class _Splice(Exception):
+    """``_plain`` met an :class:`Encoded` part: the value is written by ``_compose``."""
 
 
 def canonical_json(obj: Any) -> str:
     """Serialise ``obj`` to the one canonical JSON text used for hashing.
 
     Args:
-        obj: dicts with string keys, lists, tuples, str, int, float, bool and None.
+        obj: dicts with string keys, lists, tuples, str, int, float, bool and None, and
+            :class:`Encoded` values (written as the values they encode).
 
     Returns:
         Compact JSON with sorted keys and unescaped Unicode.
@@ -133,7 +143,65 @@ def canonical_json(obj: Any) -> str:
         plain = _plain(obj)
     except CanonicalJSONError:
         plain = _normalize(obj, "$")  # raises again, naming the path of the value
+    except RecursionError:
+        raise CanonicalJSONError("the value contains itself (or nests too deep)") from None
+    except _Splice:
+        try:
+            return _compose(obj)
+        except CanonicalJSONError:
+            _normalize(obj, "$")  # raises again, naming the path of the value
+            raise
     return _CANONICAL.encode(plain)
+
+
+class Encoded:
+    """A value already written as canonical JSON, to be placed as it is inside a larger value.
+
+    The canonical JSON of a dict or list is its parts' canonical JSON joined (keys sorted, no
+    whitespace), so a value hashed in several places (a request's messages: once for its cache
+    key, again inside its judge record's id) is encoded once and spliced; the hashes are the
+    same as if the value itself were there.
+    """
+
+    __slots__ = ("text",)
+
+    def __init__(self, value: Any) -> None:
+        self.text = canonical_json(value)
+
+
+_encode_str = json.encoder.encode_basestring  # what the canonical encoder writes for a str
+
+
+def _compose(obj: Any) -> str:
+    """``canonical_json`` of ``obj`` where :class:`Encoded` parts are spliced in as written."""
+    t = type(obj)
+    if t is str:
+        return _encode_str(obj)
+    if t is Encoded:
+        return obj.text
+    if t is dict:
+        for key in obj:
+            if type(key) is not str:
+                obj = _str_keys(obj)
+                break
+        return "{" + ",".join([f"{_encode_str(k)}:{_compose(obj[k])}" for k in sorted(obj)]) + "}"
+    if t is list or t is tuple:
+        return "[" + ",".join([_compose(v) for v in obj]) + "]"
+    if obj is None:
+        return "null"
+    if t is bool:
+        return "true" if obj else "false"
+    if t is int:
+        return int.__repr__(obj)
+    return _CANONICAL.encode(_plain(obj))
+
+
+def _str_keys(obj: dict) -> dict:
+    """``obj`` with str-subclass keys as plain str; any other key is an error (named by the
+    caller's walk)."""
+    if not all(isinstance(key, str) for key in obj):
+        raise CanonicalJSONError("non-string key")
+    return {str.__str__(key): value for key, value in obj.items()}
 
 
 def content_hash(obj: Any) -> str:
@@ -219,7 +287,7 @@ def cache_key(
     Args:
         model: model id or path, as the backend reports it.
         revision: resolved revision or weights hash; ``None`` if unknown.
-        messages: the rendered chat messages sent to the model.
+        messages: the rendered chat messages sent to the model (or them :class:`Encoded`).
         params: sampling params as a mapping, or an object with ``to_dict()`` (for example
             :class:`rlaif.backends.base.SamplingParams`). For ``score_choices`` pass the choices.
         template_hash: hash of the prompt template that rendered ``messages``.
@@ -233,14 +301,20 @@ def cache_key(
     if not isinstance(params, Mapping):
         raise CanonicalJSONError(f"params must be a mapping, not {type(params).__name__}")
     kept = {k: v for k, v in params.items() if k not in _EXECUTION_ONLY_PARAMS}
-    return content_hash(
-        {
-            "v": 1,  # bump if the key layout changes, so old caches miss instead of lying
-            "kind": kind,
-            "model": model,
-            "revision": revision,
-            "messages": messages,
-            "params": kept,
-            "template_hash": template_hash,
-        }
+    # canonical_json({"v": 1, "kind": kind, "model": model, "revision": revision,
+    # "messages": messages, "params": kept, "template_hash": template_hash}), written out in
+    # key order: keys are hashed for every request. Bump "v" if the layout changes, so old
+    # caches miss instead of lying.
+    text = (
+        f'{{"kind":{_scalar(kind)},"messages":{_compose(messages)},"model":{_scalar(model)},'
+        f'"params":{canonical_json(kept)},"revision":{_scalar(revision)},'
+        f'"template_hash":{_scalar(template_hash)},"v":1}}'
     )
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def _scalar(value: Any) -> str:
+    """``canonical_json`` of a value, quicker for a str or None."""
+    if type(value) is str:
+        return _encode_str(value)
+    return "null" if value is None else canonical_json(value)

@@ -35,17 +35,26 @@ _os_fsync = os.fsync
 _READ_CHUNK = 1 << 16
 
 # One encoder, built once: json.dumps with options builds a new encoder on every call.
-_ENCODER = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+# No check for circular references (records are trees built from JSON data; the check costs
+# a tenth of the encoding): a cycle ends in RecursionError, which callers report like a
+# value that is not JSON.
+_ENCODER = json.JSONEncoder(
+    ensure_ascii=False, allow_nan=False, separators=(",", ":"), check_circular=False
+)
 
 
 def encode_line(obj: Any) -> bytes:
     """One JSONL line (UTF-8, compact, newline-terminated).
 
     Raises:
-        ValueError: for NaN / Infinity or text that is not valid Unicode.
+        ValueError: for NaN / Infinity, text that is not valid Unicode, or a value that
+            contains itself.
         TypeError: for values that are not JSON.
     """
-    return (_ENCODER.encode(obj) + "\n").encode("utf-8")
+    try:
+        return (_ENCODER.encode(obj) + "\n").encode("utf-8")
+    except RecursionError:
+        raise ValueError("the value contains itself (a circular reference)") from None
 
 
 def decode_line(raw: bytes) -> Any:
