@@ -47,10 +47,13 @@ def child(pairs: int, principles: int) -> dict:
             finally:
                 fake_cpu[0] += time.process_time() - t
 
+    # A prompt's six pairs share its conversation object, as the pipeline's pairs do.
+    prompts = [[{"role": "user", "content": f"How do I do task number {n} safely?"}]
+               for n in range(pairs // 6 + 1)]  # fmt: skip
     items = [
         PairToJudge(
             f"p{k // 6}",
-            [{"role": "user", "content": f"How do I do task number {k // 6} safely?"}],
+            prompts[k // 6],
             f"fake response {k:08x} with some words to judge",
             f"fake response {k + 1:08x} with other words to judge",
             "samples",

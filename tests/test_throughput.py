@@ -15,15 +15,20 @@ from pathlib import Path
 
 import pytest
 
+from rlaif.backends.base import common_prefix_length
+from rlaif.calls.caller import ScoreRequest, encoded_messages, request_key
 from rlaif.errors import ConfigError
 from rlaif.prompts import PromptBook
 from rlaif.stages.judge import JudgeConfig, OrderResult, Verdict
 from rlaif.store.hashing import (
     _CANONICAL,
     CanonicalJSONError,
+    Encoded,
     _normalize,
+    cache_key,
     canonical_json,
     plain_fields,
+    record_id,
 )
 
 
@@ -83,6 +88,73 @@ def test_canonical_json_matches_the_path_walk_on_random_values() -> None:
 def test_canonical_json_errors_still_name_the_path(bad: object, where: str) -> None:
     with pytest.raises(CanonicalJSONError, match=where):
         canonical_json(bad)
+
+
+def _spliced(rng: random.Random, obj: object) -> object:
+    """``obj`` with some of its parts replaced by their :class:`Encoded` form."""
+    if rng.random() < 0.3:
+        try:
+            return Encoded(obj)
+        except CanonicalJSONError:
+            return obj
+    if type(obj) is dict:
+        return {k: _spliced(rng, v) for k, v in obj.items()}
+    if type(obj) in (list, tuple):
+        return [_spliced(rng, v) for v in obj]  # type: ignore[union-attr]
+    return obj
+
+
+def test_encoded_parts_hash_as_the_values_they_encode() -> None:
+    rng = random.Random(3)
+    for _ in range(3000):
+        obj = _value(rng)
+        assert canonical_json(_spliced(rng, obj)) == canonical_json(obj)
+    with pytest.raises(CanonicalJSONError, match=r"\$\.b\[0\]"):
+        canonical_json({"a": Encoded([1]), "b": [float("nan")]})
+    with pytest.raises(CanonicalJSONError, match=r"key 1 at \$\[1\]"):
+        canonical_json([Encoded("x"), {1: 2}])
+    loop: dict = {}
+    loop["self"] = loop
+    with pytest.raises(CanonicalJSONError, match="contains itself"):
+        canonical_json(loop)
+
+
+MESSAGES = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": 'Pick: é \U0001f600 "q" \\ end'},
+]
+
+
+def test_cache_keys_and_record_ids_are_those_of_before_the_splicing() -> None:
+    # Pinned from the code before Encoded existed: every cache and record id stays valid.
+    req = ScoreRequest(MESSAGES, ("A", "B"), "t")
+    want = "0bff4e3aae80fdd575e4544feb6bd2f74876232e655ae442349f9baf1ec69e64"
+    assert request_key("m", "r1", req) == want
+    params = {"choices": ["A", "B"], "batch_size": 8}  # batch_size: not part of the key
+    key = cache_key(model="m", revision="r1", messages=MESSAGES, kind="score_choices",
+                    params=params, template_hash="t")  # fmt: skip
+    assert key == want
+    gen = cache_key(model="m", revision=None, messages=MESSAGES, template_hash=None,
+                    params={"temperature": 0.0, "n": 2, "stop": ["\n"]})  # fmt: skip
+    assert gen == "bf9692e537876601572baa1c61178dd41ef048aae5ba29d93f11cff65d834b2d"
+    inputs = {"prompt": MESSAGES[1:], "x": "a", "y": "b", "model": "m", "revision": None,
+              "requests": [[MESSAGES, MESSAGES], {"check": {"kind": "regex"}}],
+              "judge": {"p": 0.5, "k": 1.0}}  # fmt: skip
+    assert record_id("judge", inputs) == "d14f4d0b6d266f2f07e343c1"
+    enc = encoded_messages(req)
+    assert encoded_messages(req) is enc  # encoded once per request
+    spliced = {**inputs, "requests": [[enc, enc], {"check": {"kind": "regex"}}],
+               "judge": Encoded(inputs["judge"])}  # fmt: skip
+    assert record_id("judge", spliced) == "d14f4d0b6d266f2f07e343c1"
+
+
+def test_common_prefix_length_is_os_path_commonprefix() -> None:
+    rng = random.Random(4)
+    for _ in range(5000):
+        a = "".join(rng.choice("ab\u00e9") for _ in range(rng.randint(0, 40)))
+        b = "".join(rng.choice("ab\u00e9") for _ in range(rng.randint(0, 40)))
+        b = a[: rng.randint(0, len(a))] + b if rng.random() < 0.7 else b
+        assert common_prefix_length(a, b) == len(os.path.commonprefix([a, b]))  # noqa: RUF071
 
 
 def _verdict(rng: random.Random) -> Verdict:

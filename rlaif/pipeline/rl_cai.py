@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from rlaif.backends.base import SamplingParams
-from rlaif.calls.caller import GenRequest, ModelCaller, ScoreRequest
+from rlaif.calls.caller import GenRequest, ModelCaller, ScoreRequest, encoded_messages
 from rlaif.constitution import Constitution
 from rlaif.pipeline.judges import JudgeKind
 from rlaif.pipeline.steps import run_gen_step, step_id
@@ -24,7 +24,7 @@ from rlaif.stages import critique as cai
 from rlaif.stages import judge as J
 from rlaif.stages import scored as S
 from rlaif.stages.pairs import candidate_pairs
-from rlaif.store import StageStore, record_id
+from rlaif.store import Encoded, StageStore, record_id
 
 
 @dataclass(frozen=True)
@@ -109,40 +109,39 @@ def judge_wave(
     kind = kind or JudgeKind()
     identity = kind.identity()
     out: dict[str, dict[str, Any]] = {}
-    todo: list[tuple[str, PairToJudge, list, list]] = []
-    for pair in pairs:
-        principles: list = []
-        reqs: list = []
-        if kind.scorer is None:
-            principles = J.judge_principles(
-                constitution, jcfg.principles_k, seed, pair_key(pair), kind.kind
-            )
-            reqs = [
-                None
-                if J.rule_judged(p, kind.kind)
-                else J.judge_requests(book, pair.prompt, pair.x, pair.y, p, jcfg, system=system)
-                for p in principles
-            ]
+    judge_json = Encoded(jcfg.to_dict())  # the same in every pair's record id: encoded once
+    wave: list[tuple[str, PairToJudge, list, list]] = []
+    drawn = [
+        J.judge_principles(constitution, jcfg.principles_k, seed, pair_key(pair), kind.kind)
+        if kind.scorer is None
+        else []
+        for pair in pairs
+    ]
+    requests = _judge_requests(pairs, drawn, kind.kind, jcfg, book, system)
+    for pair, principles, reqs in zip(pairs, drawn, requests, strict=True):
         inputs = {
             "prompt": pair.prompt,
             "x": pair.x,
             "y": pair.y,
             "source": pair.source,
             "requests": [
-                [r.messages for r in rr] if rr else {"check": p.check.to_dict()}
+                [encoded_messages(r) for r in rr] if rr else {"check": p.check.to_dict()}
                 for p, rr in zip(principles, reqs, strict=True)
             ],
-            "judge": jcfg.to_dict(),
+            "judge": judge_json,
             "model": caller.model,
             "revision": caller.revision,
         }
         if identity is not None:  # the plain AI judge keeps its records' ids
             inputs.update(kind=identity, label=pair.label)
-        rid = record_id("judge", inputs)
-        if store.is_done(rid):
-            out[rid] = store.get(rid)
-            continue
-        todo.append((rid, pair, principles, reqs))
+        wave.append((record_id("judge", inputs), pair, principles, reqs))
+    found = store.get_many((rid for rid, *_ in wave), done_only=True)
+    todo = []
+    for w in wave:  # ``out`` keeps the pairs' order
+        if w[0] in found:
+            out[w[0]] = found[w[0]]
+        else:
+            todo.append(w)
     progress.update(len(pairs) - len(todo))
     flat = [r for _, _, _, reqs in todo for rr in reqs if rr for r in rr]
     if jcfg.mode == "logprob":
@@ -185,6 +184,35 @@ def judge_wave(
         out[rid] = rec
     store.append(records)
     progress.update(len(todo))
+    return out
+
+
+def _judge_requests(
+    pairs: Sequence[PairToJudge],
+    drawn: list[list],
+    kind: str,
+    jcfg: J.JudgeConfig,
+    book: PromptBook,
+    system: str | None,
+) -> list[list]:
+    """Per pair, per drawn principle: the two judge requests, or None for a rule check.
+
+    Pairs after the same conversation (the same object: a prompt's pairs share it) judged
+    under the same principle are built together, so the template renders once for them.
+    """
+    out: list[list] = [[None] * len(ps) for ps in drawn]
+    groups: dict[tuple[int, int], list[tuple[int, int]]] = {}
+    for n, (pair, principles) in enumerate(zip(pairs, drawn, strict=True)):
+        for k, p in enumerate(principles):
+            if not J.rule_judged(p, kind):
+                groups.setdefault((id(pair.prompt), id(p)), []).append((n, k))
+    for members in groups.values():
+        n0, k0 = members[0]
+        xy = [(pairs[n].x, pairs[n].y) for n, _ in members]
+        built = J.judge_requests_many(book, pairs[n0].prompt, xy, drawn[n0][k0], jcfg,
+                                      system=system)  # fmt: skip
+        for (n, k), reqs in zip(members, built, strict=True):
+            out[n][k] = reqs
     return out
 
 

@@ -55,10 +55,9 @@ def wave_pairs(
             if texts is None:
                 continue
             ij, _ = candidate_pairs(texts, "all")
+            conversation = item.messages()  # one object: the judge renders its pairs together
             pairs += [
-                PairToJudge(
-                    item.id, item.messages(), texts[i], texts[j], "samples", i, j, item.label
-                )
+                PairToJudge(item.id, conversation, texts[i], texts[j], "samples", i, j, item.label)
                 for i, j in ij
             ]
     return pairs

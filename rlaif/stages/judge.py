@@ -40,9 +40,8 @@ from __future__ import annotations
 
 import math
 import random
-import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from functools import cached_property
 from typing import Any
 
@@ -50,27 +49,15 @@ from rlaif.backends.base import ChoiceScores, Conversation, SamplingParams, shar
 from rlaif.calls.caller import GenRequest, ScoreRequest
 from rlaif.config.schema import JudgeStageConfig
 from rlaif.constitution import Constitution, Principle
-from rlaif.errors import ConfigError, RlaifError
+from rlaif.errors import ConfigError
 from rlaif.prompts import PromptBook
+from rlaif.stages.answers import VerdictError, VerdictParseError, p_first_option, parse_answer
 from rlaif.store.hashing import content_hash, plain_fields
 
 MODES = ("logprob", "reasoning")
 TEMPLATES = {"logprob": "judge_mc", "reasoning": "judge_cot"}
 TOL = 1e-9
 P_CLIP = 1e-6  # margins are logit(p) with p clipped here: |margin| <= 13.8
-
-
-class VerdictError(RlaifError):
-    """A judge output that is not a probability (recorded as an error, never guessed); ``raw``
-    holds the model's text or a repr of the option scores."""
-
-    def __init__(self, message: str, raw: str = "") -> None:
-        super().__init__(message)
-        self.raw = raw
-
-
-class VerdictParseError(VerdictError):
-    """A reasoning reply whose last non-empty line is not a strict ``Answer: X`` line."""
 
 
 @dataclass(frozen=True)
@@ -212,8 +199,16 @@ class Verdict:
     flipped: bool = False  # label noise: the verdict was turned around on purpose
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON data; never NaN or infinity (the store rejects them)."""
-        return plain_fields(self)
+        """Plain JSON data; never NaN or infinity (the store rejects them). The same dict as
+        ``dataclasses.asdict``, written out: every judged pair stores one."""
+        d = _fields_of(self, _VERDICT_FIELDS)
+        d["principle_ids"] = plain_fields(self.principle_ids)
+        d["models"] = plain_fields(self.models)
+        d["orders"] = [_order_dict(o) for o in self.orders]
+        d["members"] = [m.to_dict() for m in self.members]
+        if self.scores is not None:
+            d["scores"] = plain_fields(self.scores)
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Verdict:
@@ -221,6 +216,24 @@ class Verdict:
         kw["orders"] = [OrderResult(**o) for o in kw.get("orders", [])]
         kw["members"] = [cls.from_dict(m) for m in kw.get("members", [])]
         return cls(**kw)
+
+
+_VERDICT_FIELDS = tuple(f.name for f in fields(Verdict))
+_ORDER_FIELDS = tuple(f.name for f in fields(OrderResult))
+
+
+def _fields_of(obj: Any, names: tuple[str, ...]) -> dict[str, Any]:
+    """``{field: value}`` in field order: a copy of the instance dict when it holds just the
+    fields in order (as ``__init__`` leaves it), else field by field."""
+    d = dict(obj.__dict__)
+    return d if tuple(d) == names else {name: getattr(obj, name) for name in names}
+
+
+def _order_dict(o: OrderResult) -> dict[str, Any]:
+    d = _fields_of(o, _ORDER_FIELDS)
+    if o.logprobs is not None:
+        d["logprobs"] = plain_fields(o.logprobs)
+    return d
 
 
 # -- requests ---------------------------------------------------------------------------------
@@ -281,83 +294,40 @@ def judge_requests(
     Logprob mode gives :class:`ScoreRequest` s for ``backend.score_choices(messages, choices)``;
     reasoning mode gives :class:`GenRequest` s for generation with ``cfg.sampling``.
     """
+    pair = (response_a, response_b)
+    return judge_requests_many(book, conversation, [pair], principle, cfg, system=system)[0]
+
+
+def judge_requests_many(
+    book: PromptBook,
+    conversation: Conversation,
+    pairs: Sequence[tuple[str, str]],
+    principle: Principle,
+    cfg: JudgeConfig,
+    *,
+    system: str | None = None,
+) -> list[tuple[ScoreRequest, ScoreRequest] | tuple[GenRequest, GenRequest]]:
+    """:func:`judge_requests` for each ``(x, y)`` of ``pairs`` after the same conversation,
+    under the same principle: the template renders once for all of them where it can."""
     ctx = {"conversation": conversation, "principle": principle.to_dict(), "system": system}
     ctx["options"] = list(cfg.options)
-    renders = [
-        book.render(TEMPLATES[cfg.mode], response_a=first, response_b=second, **ctx)
-        for first, second in ((response_a, response_b), (response_b, response_a))
-    ]
-    if cfg.mode == "logprob":
-        # Both orders start with the same conversation; a backend that reuses prefixes
-        # computes it once per pair (and once for every principle the pair is judged under).
-        prefix = shared_prefix(renders[0].messages, renders[1].messages)
-        s1, s2 = (ScoreRequest(r.messages, cfg.options, r.template_hash, prefix) for r in renders)
-        return s1, s2
-    g1, g2 = (GenRequest(r.messages, cfg.sampling, r.template_hash) for r in renders)
-    return g1, g2
+    fills = [{"response_a": a, "response_b": b} for x, y in pairs for a, b in ((x, y), (y, x))]
+    renders = book.render_many(TEMPLATES[cfg.mode], fills, **ctx)
+    out: list = []
+    for r1, r2 in zip(renders[::2], renders[1::2], strict=True):
+        if cfg.mode == "logprob":
+            # Both orders start with the same conversation; a backend that reuses prefixes
+            # computes it once per pair (and once for every principle it is judged under).
+            prefix = shared_prefix(r1.messages, r2.messages)
+            out.append(tuple(ScoreRequest(r.messages, cfg.options, r.template_hash, prefix)
+                             for r in (r1, r2)))  # fmt: skip
+        else:
+            out.append(tuple(GenRequest(r.messages, cfg.sampling, r.template_hash)
+                             for r in (r1, r2)))  # fmt: skip
+    return out
 
 
 # -- one order ----------------------------------------------------------------------------------
-
-
-def p_first_option(
-    logprobs: Mapping[str, float], options: Sequence[str] = ("A", "B")
-) -> tuple[float, float]:
-    """P(first option) renormalized over the two options, and log(P(A) + P(B)).
-
-    Raises:
-        VerdictError: an option is missing or not a number, a score is NaN or +inf, or both
-            options are -inf (no probability to renormalize).
-    """
-    try:
-        la, lb = (float(logprobs[o]) for o in options[:2])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise VerdictError(f"bad option scores {logprobs!r}: {exc!r}", repr(logprobs)) from exc
-    if math.isnan(la) or math.isnan(lb) or math.inf in (la, lb):
-        raise VerdictError(f"non-finite option scores {logprobs!r}", repr(logprobs))
-    if la == lb == -math.inf:
-        raise VerdictError("both options have probability 0", repr(logprobs))
-    d = la - lb  # finite or +-inf; exp() below only sees arguments <= 0, so it never overflows
-    p = 1 / (1 + math.exp(-d)) if d >= 0 else math.exp(d) / (1 + math.exp(d))
-    log_mass = max(la, lb) + (math.log1p(math.exp(-abs(d))) if math.isfinite(d) else 0.0)
-    return p, log_mass
-
-
-_ANSWER = r"\s*(?:\*\*)?(?i:answer)(?:\*\*)?\s*:\s*(?:\*\*)?\s*(?:\((?P<p>{0})\)|(?P<l>{0}))"
-_ANSWER_END = r"(?:\*\*)?\s*\.?\s*"
-
-
-def parse_answer(text: str, options: Sequence[str] = ("A", "B")) -> str:
-    """The option a reasoning reply chose, read strictly from its last non-empty line.
-
-    That line must be ``Answer: A`` (or B), optionally bold (``**Answer:** A``,
-    ``**Answer: A**``, ``Answer: **A**``), parenthesised (``Answer: (A)``) or ending in a period.
-    ``answer`` is case-insensitive; the label is not: ``Answer: a`` is an error, because the
-    template asks for the label exactly and a parse error is counted, where a misread letter
-    would silently become a label. Earlier lines are reasoning and may mention anything, but an
-    earlier ``Answer:`` line naming the other option is a contradiction and an error.
-
-    Raises:
-        VerdictParseError: anything else (empty, no answer line, ``A or B``, ``Answer: C``, ...),
-            with the raw text in ``.raw``.
-    """
-    if not isinstance(text, str):
-        raise VerdictParseError(f"judge reply is {type(text).__name__}, not text", repr(text))
-    letters = "|".join(re.escape(o) for o in options)
-    pattern = re.compile(_ANSWER.format(letters) + _ANSWER_END)
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    if not lines:
-        raise VerdictParseError("empty judge reply", text)
-    m = pattern.fullmatch(lines[-1])
-    if m is None:
-        want = " or ".join(f"'Answer: {o}'" for o in options)
-        raise VerdictParseError(f"last line is not {want}: {lines[-1][:80]!r}", text)
-    chosen = m.group("p") or m.group("l")
-    for line in lines[:-1]:
-        earlier = pattern.fullmatch(line)
-        if earlier and (earlier.group("p") or earlier.group("l")) != chosen:
-            raise VerdictParseError(f"conflicting answer lines: {line!r} then {lines[-1]!r}", text)
-    return chosen
 
 
 def _choice(p: float, options: Sequence[str]) -> str | None:
@@ -376,7 +346,10 @@ def _order_from_logprobs(order: int, scores: Any, cfg: JudgeConfig) -> OrderResu
     lp = scores.logprobs if isinstance(scores, ChoiceScores) else scores
     if not isinstance(lp, Mapping):
         return OrderResult(order, error=f"option scores are {type(lp).__name__}, not a mapping")
-    shown = {str(k): _finite_or_none(v) for k, v in lp.items()}
+    shown = {  # a finite float as it is (x - x is 0.0 only for finite x)
+        str(k): v if type(v) is float and v - v == 0.0 else _finite_or_none(v)
+        for k, v in lp.items()
+    }
     try:
         p, log_mass = p_first_option(lp, cfg.options)
     except VerdictError as exc:
