@@ -408,4 +408,4 @@ def _score_problem(scores: ChoiceScores) -> str | None:
 
 def _finite(logprobs: dict[str, float]) -> dict[str, float | None]:
     """JSON has no -inf: an impossible option is stored as null."""
-    return {k: (v if v == v and abs(v) != float("inf") else None) for k, v in logprobs.items()}
+    return {k: (v if v - v == 0.0 else None) for k, v in logprobs.items()}  # 0 iff v is finite

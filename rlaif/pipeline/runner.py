@@ -380,7 +380,9 @@ def _sl_cai(run: _Run, manifest: Manifest) -> _Traces:
                 progress.update(entry["prompts"] * steps)
                 continue
             items = waves.get(w)
-            wave = [i for i in items if not traces.store.is_done(traces.trace_id(i))]
+            ids = [traces.trace_id(i) for i in items]
+            finished = traces.store.done_many(ids)
+            wave = [i for i, rid in zip(items, ids, strict=True) if rid not in finished]
             progress.update((len(items) - len(wave)) * steps)
             if wave:
                 critique_revise_wave(wave, stage, ctx, run.caller, stores, traces.store,

@@ -43,11 +43,8 @@ def run_gen_step(
     """
     keys = list(requests)
     ids = {k: step_id(name, requests[k], caller) for k in keys}
-    done: dict[str, dict[str, Any]] = {}
-    for k in keys:
-        rec = store.get(ids[k]) if store.is_done(ids[k]) else None
-        if rec is not None:
-            done[k] = rec
+    found = store.get_many(ids.values(), done_only=True)  # one index query per batch of ids
+    done: dict[str, dict[str, Any]] = {k: found[ids[k]] for k in keys if ids[k] in found}
     if done:
         progress.update(len(done))
     if len(done) == len(keys):
