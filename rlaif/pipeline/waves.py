@@ -109,6 +109,10 @@ def pack(records: list[dict[str, Any]], stored: dict[str, dict[str, Any]]) -> li
     return out
 
 
+# References read with one query: a small bound on the records held at a time.
+_READ_AHEAD = 256
+
+
 class WaveRecords:
     """Records kept in the ledger entries of a stage's waves, in wave order: re-iterable,
     one wave in memory at a time (what the preference export reads). References
@@ -123,11 +127,16 @@ class WaveRecords:
             entry = self.ledger.finished(self.stage, self.fp, w)
             if entry is None:
                 raise RuntimeError(f"{self.stage} wave {w} is not finished")
-            for rec in entry.get("records", []):
+            records = entry.get("records", [])
+            stored: dict[str, dict[str, Any]] = {}
+            for n, rec in enumerate(records):
                 if "ref" not in rec:
                     yield rec
                     continue
-                base = self.store.get(rec["ref"])
+                if rec["ref"] not in stored:  # the next references, read with one query
+                    ahead = records[n : n + _READ_AHEAD]
+                    stored = self.store.get_many(r["ref"] for r in ahead if "ref" in r)
+                base = stored.get(rec["ref"])
                 if base is None:
                     raise RuntimeError(f"{self.stage} wave {w}: record {rec['ref']} is gone")
                 if "status" in rec:
