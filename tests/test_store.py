@@ -30,6 +30,8 @@ from rlaif.store import (
     record_id,
 )
 from rlaif.store import jsonl as jsonl_mod
+from rlaif.store import shards as shards_mod
+from rlaif.store.manifest import StageSummary
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -575,6 +577,34 @@ def test_manifest_recount_survives_loss_and_bad_files(tmp_path):
     with pytest.raises(StoreError, match=r"manifest.json:2: invalid manifest JSON"):
         Manifest.load(tmp_path)
     assert Manifest.from_store(tmp_path).stages["pairs"].total == 5
+
+
+def test_manifest_reads_only_what_is_not_ok_and_counts_as_a_full_pass(tmp_path, monkeypatch):
+    rng = random.Random(5)
+    with StageStore(tmp_path, "s", shard_size=7, retry_errors=True) as store:
+        for _ in range(12):  # errors retried, skips kept, shards rolled over
+            batch = []
+            for i in rng.sample(range(40), 9):
+                status = rng.choice(["ok", "error", "skipped"])
+                rec = {"id": f"r{i}", "status": status}
+                if status != "ok":
+                    rec["reason"] = rng.choice(["tie", "timeout", "too long", "parse"])
+                batch.append(rec)
+            store.append(batch)
+    want = StageSummary()
+    with StageStore(tmp_path, "s", readonly=True) as store:
+        for rec in store.iter_records():  # the full pass the manifest used to make
+            want.add(rec)
+    decoded = []
+
+    def counted(raw):
+        decoded.append(raw)
+        return json.loads(raw)
+
+    monkeypatch.setattr(shards_mod, "decode_line", counted)
+    got = Manifest.from_store(tmp_path).stages["s"]
+    assert got == want and got.error + got.skipped > 0
+    assert len(decoded) == got.error + got.skipped  # the ok records were not read
 
 
 def test_manifest_caps_distinct_reasons(tmp_path):

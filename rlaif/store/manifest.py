@@ -67,8 +67,12 @@ class StageSummary:
         """Count one record (its ``status``, and ``reason`` unless ok)."""
         status = record["status"]
         setattr(self, status, getattr(self, status) + 1)
-        if status == "ok":
-            return
+        if status != "ok":
+            self.add_reason(record)
+
+    def add_reason(self, record: dict[str, Any]) -> None:
+        """Count the ``reason`` of a record that is not ok (its status is counted apart)."""
+        status = record["status"]
         reason = " ".join(str(record.get("reason") or "(no reason)").split())
         reason = reason[:_MAX_REASON_CHARS]
         by_reason = self.reasons.setdefault(status, {})
@@ -156,8 +160,9 @@ class Manifest:
             base: a manifest whose ``info``, timestamps and ``expected`` counts are kept.
 
         Returns:
-            A new manifest; counts come only from the shards. Cost is one pass over all
-            records, so call it at stage or run boundaries, not per batch.
+            A new manifest; counts come only from the shards (their indexes' counters, and
+            the records that are not ok for the reasons). Cost is one pass over the indexes,
+            so call it at stage or run boundaries, not per batch.
         """
         run_dir = Path(run_dir)
         explicit = stages is not None
@@ -178,8 +183,11 @@ class Manifest:
             if base and name in base.stages:
                 summary.expected = base.stages[name].expected
             with StageStore(run_dir, name, readonly=True) as store:
-                for record in store.iter_records():
-                    summary.add(record)
+                counts = store.counts()  # kept in the index
+                summary.ok, summary.error = counts["ok"], counts["error"]
+                summary.skipped = counts["skipped"]
+                for record in store.not_ok():  # only these are read
+                    summary.add_reason(record)
             out.stages[name] = summary
         for name, old in (base.stages if base else {}).items():
             if name in out.stages:

@@ -357,6 +357,15 @@ class StageStore:
                         chunk = []
             yield from self._newest(chunk)
 
+    def not_ok(self) -> Iterator[dict[str, Any]]:
+        """The newest record of every id whose status is not ok, in file order. The index
+        finds them, so only they are read (a run's errors and skips, not all its records)."""
+        ok = CODE["ok"]
+        found = self._q(lambda ix: [(loc, rid) for rid, loc in ix.scan() if loc & 3 != ok])
+        ids = [rid for _, rid in sorted(found)]
+        for start in range(0, len(ids), _ITER_CHUNK):
+            yield from self.get_many(ids[start : start + _ITER_CHUNK]).values()
+
     def _newest(self, chunk: list[tuple[int, dict[str, Any]]]) -> list[dict[str, Any]]:
         """The records of ``chunk`` (location, record) that are their id's newest."""
         if not chunk:
