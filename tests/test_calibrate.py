@@ -497,3 +497,29 @@ def test_audit_cli_shows_raw_and_calibrated(tmp_path, capsys):
     assert main([*argv, "--calibrate", "pride", "--mode", "reasoning"]) == 2
     err = capsys.readouterr().err
     assert "field 'calibrate'" in err and err.count("\n") == 1
+
+
+def test_a_runs_rates_add_up_wave_by_wave():
+    """The judge stage counts the calibration rates wave by wave (no records kept for them):
+    the counts over waves give the rates over every verdict at once."""
+    import random
+
+    from rlaif.pipeline.calibration import RunCalibration
+    from rlaif.store import Manifest
+
+    rng = random.Random(7)
+    cfg = C.calibrated_config(JudgeConfig(), 1.5)
+    verdicts = []
+    for _ in range(300):
+        lp1 = {"A": rng.uniform(-4, 0), "B": rng.choice([rng.uniform(-4, 0), -math.inf])}
+        lp2 = {"A": rng.uniform(-4, 0), "B": rng.uniform(-4, 0)}
+        one = verdict_from_logprobs(lp1, lp2, cfg, principle_id="p", model="m")
+        two = verdict_from_logprobs(lp2, lp1, cfg, principle_id="q", model="m")
+        verdicts.append(rng.choice([one, ensemble([one, two], cfg)]))
+    records = [{"id": str(i), "verdict": v.to_dict()} for i, v in enumerate(verdicts)]
+    waves = RunCalibration("pride", JudgeConfig(), [cfg], judges=[{"stage": "judge"}])
+    for start in range(0, len(records), 64):
+        waves.add(0, records[start : start + 64])
+    waves.record([], Manifest())
+    assert waves.judges[0]["rates"] == verdict_rates(verdicts, JudgeConfig())
+    assert all(r["raw"]["n"] > 0 for r in waves.judges[0]["rates"].values())

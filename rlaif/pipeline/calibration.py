@@ -24,7 +24,8 @@ from typing import Any, Protocol, TextIO
 from rlaif.calls.caller import ModelCaller, ScoreRequest
 from rlaif.config.schema import PipelineConfig
 from rlaif.constitution import Constitution, Principle
-from rlaif.evaluate.calibration_audit import verdict_rates
+from rlaif.evaluate.audit import rate
+from rlaif.evaluate.calibration_audit import LABEL_FREE, verdict_rates
 from rlaif.pipeline.judges import JudgeKind
 from rlaif.pipeline.rl_cai import PairToJudge, pair_key
 from rlaif.progress import Progress
@@ -64,16 +65,37 @@ class RunCalibration:
     sample: int = 0
     judges: list[dict[str, Any]] = field(default_factory=list)
     note: str | None = None
+    # judge n -> (metric, "raw" | "calibrated") -> (k, n): the rates' counts, which add up
+    # over waves, so no wave's records are kept for them
+    tallies: dict[int, dict[tuple[str, str], tuple[float, int]]] = field(default_factory=dict)
+
+    def add(self, n: int, records: Iterable[dict[str, Any]]) -> None:
+        """Count the rates of judge ``n``'s judged records of one wave."""
+        if self.method == "none":
+            return
+        verdicts = [J.Verdict.from_dict(r["verdict"]) for r in records]
+        tally = self.tallies.setdefault(n, {})
+        for metric, sides in verdict_rates(verdicts, self.base).items():
+            for side, r in sides.items():
+                k, total = tally.get((metric, side), (0, 0))
+                tally[(metric, side)] = (k + r["k"], total + r["n"])
 
     def record(self, judged: list[dict[Any, dict[str, Any]]], manifest: Manifest) -> dict[str, Any]:
         """Put the priors and each judge stage's rates, raw and calibrated, over its judged
-        records (``judged[n]``: record per pair of judge ``n``) into ``manifest.info``; return
-        the provenance the dataset card adds (nothing when the run is not calibrated)."""
+        records (those counted by :meth:`add`, and ``judged[n]``: record per pair of judge
+        ``n``) into ``manifest.info``; return the provenance the dataset card adds (nothing
+        when the run is not calibrated)."""
         if self.method == "none":
             return {}
-        for entry, records in zip(self.judges, judged, strict=False):
-            verdicts = [J.Verdict.from_dict(r["verdict"]) for r in records.values()]
-            entry["rates"] = verdict_rates(verdicts, self.base)
+        for n, records in enumerate(judged):
+            self.add(n, records.values())
+        for n, entry in enumerate(self.judges):
+            if n in self.tallies:
+                tally = self.tallies[n]
+                entry["rates"] = {
+                    metric: {side: rate(*tally[(metric, side)]) for side in ("raw", "calibrated")}
+                    for metric in LABEL_FREE
+                }
         info: dict[str, Any] = {
             "method": self.method,
             "sample": self.sample,

@@ -75,7 +75,8 @@ def judge_and_export(run: Any, manifest: Manifest, traces: Any) -> dict[str, Any
         manifest.info.setdefault("export", {})["preferences"] = done["stats"]
         return dict(done["stats"])
     calibration = calibrate_judges(run, _all_pairs(run, traces), jcfg, kind)
-    per_model: list[list[dict[str, Any]]] = [[] for _ in names]  # calibrated runs' verdicts
+    for n in range(len(names)):  # every judge's rates, even over no pair
+        calibration.add(n, [])
     pairs_total = 0
     how = jcfg.mode if kind.kind in ("auto", "ai") else kind.kind
     waves = LazyWaves(run.prompts)
@@ -95,8 +96,8 @@ def judge_and_export(run: Any, manifest: Manifest, traces: Any) -> dict[str, Any
                 out = judge_wave(pairs, calibration.configs[n], run.constitution, run.book,
                                  cfg.system, cfg.seed, jc, stores[n], progress, kind)  # fmt: skip
                 judged.append(out)
-                if calibrated:
-                    per_model[n] += out.values()
+                if calibrated:  # counted wave by wave: the rates need no records kept
+                    calibration.add(n, out.values())
             by_pair = combine([{_pair_key(r): r for r in m.values()} for m in judged], jcfg)
             records = wave_export_records(wave, tr, sampled, by_pair, jstage)
             errors = wave_errors(records, [r for m in judged for r in m.values()])
@@ -105,7 +106,7 @@ def judge_and_export(run: Any, manifest: Manifest, traces: Any) -> dict[str, Any
                        prompts=len(wave))  # fmt: skip
     for name in names:
         manifest.set_expected(name, pairs_total + before)
-    cal = calibration.record([{r["id"]: r for r in m} for m in per_model], manifest)
+    cal = calibration.record([], manifest)
     provenance = {**run.provenance(), **cal}
     marker.unlink(missing_ok=True)  # an export cut short leaves no marker behind
     source = WaveRecords(run.ledger, SELECT, fp, run.waves, stores[0])
