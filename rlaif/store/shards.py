@@ -44,7 +44,7 @@ __all__ = ["DEFAULT_SHARD_SIZE", "INDEX_NAME", "STATUSES", "StageStore"]
 DEFAULT_SHARD_SIZE = 10_000
 INDEX_NAME = "index.sqlite"
 
-_ERROR = CODE["error"]
+_ERROR, _OK = CODE["error"], CODE["ok"]
 _SHARD_RE = re.compile(r"^shard-(\d+)\.jsonl$")
 _STAGE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _ITER_CHUNK = 512  # lines checked against the index per query while streaming
@@ -257,17 +257,14 @@ class StageStore:
 
     def status_of(self, rid: str) -> str | None:
         """Status of the newest record for ``rid``, or ``None``."""
-        loc = self._loc(rid)
-        return None if loc is None else STATUSES[loc & 3]
+        return None if (loc := self._loc(rid)) is None else STATUSES[loc & 3]
 
     def is_done(self, rid: str) -> bool:
         """Whether ``rid`` needs no more work under the resume policy."""
-        loc = self._loc(rid)
-        return loc is not None and self._done(loc & 3)
+        return (loc := self._loc(rid)) is not None and self._done(loc & 3)
 
     def status_many(self, ids: Iterable[str]) -> dict[str, str]:
-        """``id -> status`` of the newest record, for the ids that have one (one query per
-        :data:`~rlaif.store.index.CHUNK` ids)."""
+        """``id -> status`` of the newest record, for the ids that have one (batched)."""
         ids = list(ids)
         return {rid: STATUSES[loc & 3] for rid, loc in self._q(lambda ix: ix.locs(ids)).items()}
 
@@ -282,8 +279,7 @@ class StageStore:
 
     def pending(self, ids: Iterable[str]) -> list[str]:
         """The ids from ``ids`` that still need work, in order, without repeats."""
-        unique = list(dict.fromkeys(ids))
-        done = self.done_many(unique)
+        done = self.done_many(unique := list(dict.fromkeys(ids)))
         return [rid for rid in unique if rid not in done]
 
     def counts(self) -> dict[str, int]:
@@ -358,13 +354,11 @@ class StageStore:
             yield from self._newest(chunk)
 
     def not_ok(self) -> Iterator[dict[str, Any]]:
-        """The newest record of every id whose status is not ok, in file order. The index
-        finds them, so only they are read (a run's errors and skips, not all its records)."""
-        ok = CODE["ok"]
-        found = self._q(lambda ix: [(loc, rid) for rid, loc in ix.scan() if loc & 3 != ok])
-        ids = [rid for _, rid in sorted(found)]
-        for start in range(0, len(ids), _ITER_CHUNK):
-            yield from self.get_many(ids[start : start + _ITER_CHUNK]).values()
+        """The newest record of every id that is not ok, in file order: the index finds them,
+        so only they are read (a run's errors and skips, not all its records)."""
+        found = sorted(self._q(lambda ix: [(loc, r) for r, loc in ix.scan() if loc & 3 != _OK]))
+        for start in range(0, len(found), _ITER_CHUNK):
+            yield from self.get_many(r for _, r in found[start : start + _ITER_CHUNK]).values()
 
     def _newest(self, chunk: list[tuple[int, dict[str, Any]]]) -> list[dict[str, Any]]:
         """The records of ``chunk`` (location, record) that are their id's newest."""
