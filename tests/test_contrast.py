@@ -377,3 +377,64 @@ def test_the_ai_judge_filter_judges_under_the_pairs_principle_and_can_be_calibra
     assert set(contrast.values()) == {"harmless", "kind"}
     kept = len(prefs(tmp_path / "run"))
     assert kept == info["contrast"]["kept"] == 10 - info["contrast"]["judge"]["prefers_negative"]
+
+
+# -- scale ------------------------------------------------------------------------------------
+
+
+def test_the_running_tally_gives_contrast_stats():
+    """The stage counts its statistics row by row (no rows kept): the same numbers, to the
+    last bit, as :func:`C.contrast_stats` over every row."""
+    import random
+
+    rng = random.Random(3)
+    texts = ["I can't help with that.", "Sure, here is how.", "Sure  ", " sure", "", "No.\n\nOk"]
+
+    def checks():
+        side = {"passed": rng.choice([True, False, None]), "score": 0.5}
+        return {"positive": side, "negative": dict(side, passed=rng.choice([True, None])),
+                "preferred": rng.choice(["positive", "negative", None])}  # fmt: skip
+
+    def row():
+        judge_p = rng.random() if rng.random() < 0.7 else rng.choice([None, 0.5])
+        check = checks() if rng.random() < 0.5 else None
+        pid, pos, neg = rng.choice(["a", "b", "c"]), rng.choice(texts), rng.choice(texts)
+        return C.ContrastRow(pid, pos, neg, check, judge_p, rng.random() < 0.6)
+
+    rows = [row() for _ in range(500)]
+    for subset in (rows, rows[:1], [r for r in rows if r.checks is None and r.judge_p is None]):
+        tally = C.ContrastTally()
+        for row in subset:
+            tally.add(row)
+        assert tally.stats() == C.contrast_stats(subset)
+    assert C.ContrastTally().stats()["pairs"] == 0
+
+
+def _contrast_peak(tmp_path: Path, n: int) -> int:
+    import tracemalloc
+
+    tmp_path.mkdir()
+    cfg = load_pipeline(make(tmp_path, extra="  judge: {kind: ai}", n=n))
+    backend = ContrastFake(history=False)  # a test backend that keeps every request would grow
+    tracemalloc.start()
+    try:
+        run_pipeline(cfg, backend=backend, stream=QUIET)
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_contrast_memory_does_not_grow_with_the_prompts(tmp_path, monkeypatch):
+    """The stage goes wave by wave (generate; judge, filter, count and spool the pairs; the
+    export streams the spool): Python's allocations peak at about the same height for 4x the
+    prompts. Holding every prompt, request, record and verdict, it grew by several KB a
+    prompt."""
+    import rlaif.store.index
+    from rlaif.pipeline.contrast import WAVE
+
+    monkeypatch.setattr(rlaif.store.index, "FLUSH", 256)  # bounded buffers, made small
+    _contrast_peak(tmp_path / "warm", 8)
+    small = _contrast_peak(tmp_path / "small", WAVE)
+    large = _contrast_peak(tmp_path / "large", 4 * WAVE)
+    per_prompt = (large - small) / (3 * WAVE)
+    assert per_prompt < 1500, (small, large, per_prompt)

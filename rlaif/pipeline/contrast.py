@@ -11,11 +11,19 @@ Generation records (stage ``contrast``, one per response) are durable per backen
 the filter judge's records per wave, like the other stages, so a killed run resumes without
 losing or repeating work. ``contrast.json`` in the export folder and ``manifest.info
 ["contrast"]`` hold the statistics the report shows.
+
+Memory holds one wave of prompts at a time: the responses are generated wave by wave, then
+each wave's pairs are judged, filtered, counted (:class:`rlaif.stages.contrast.ContrastTally`)
+and written to ``run_dir/waves/contrast-records.jsonl``, which the export streams (it is
+written again whole by every run, from the stores; a killed run leaves only a ``.part``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Any, Protocol
 
 from rlaif.calls.caller import GenRequest, ModelCaller
@@ -27,23 +35,30 @@ from rlaif.pipeline import calibration
 from rlaif.pipeline.calibration import calibrate_judges
 from rlaif.pipeline.judges import judge_kind
 from rlaif.pipeline.rl_cai import PairToJudge, judge_wave
-from rlaif.pipeline.steps import run_gen_step
+from rlaif.pipeline.steps import run_gen_step, step_id
+from rlaif.pipeline.waves import LazyWaves
 from rlaif.progress import Progress
 from rlaif.sources import PromptItem
+from rlaif.sources.stream import PromptStream
 from rlaif.stages import contrast as C
 from rlaif.stages import judge as J
 from rlaif.stages.critique import clean
 from rlaif.store import Manifest, StageStore, record_id
+from rlaif.store.jsonl import decode_line, encode_line
 
 STAGE = "contrast"
-WAVE = 512  # prompts per wave (two requests each)
+WAVE = 512  # prompts per wave (two requests each): the runner's wave
+SPOOL = "contrast-records.jsonl"  # in run_dir/waves: the export's records, rewritten each run
 
 
 class RunParts(calibration.RunParts, Protocol):
     """What the contrast stage needs of a run (the runner's ``_Run``) beyond the judge's."""
 
-    items: list[PromptItem]
+    prompts: PromptStream
     caller: ModelCaller
+
+    @property
+    def waves(self) -> int: ...
 
     def store(self, stage: str) -> StageStore: ...
 
@@ -51,20 +66,102 @@ class RunParts(calibration.RunParts, Protocol):
 
 
 def contrast_and_export(run: RunParts, manifest: Manifest) -> dict[str, Any]:
-    """Make, filter and export the contrast pairs of every prompt; return the export stats."""
+    """Make, filter and export the contrast pairs of every prompt; return the export stats.
+
+    Wave by wave, memory holds one wave: the responses are generated, then (after the
+    judge's calibration, which needs every pair) each wave's pairs are judged and filtered,
+    counted for the statistics and written to a spool file, from which the export reads them.
+    """
     cfg, stage = run.cfg, run.cfg.stages.contrast
     assert stage is not None
-    principles = {i.id: C.contrast_principle(run.constitution, cfg.seed, i.id) for i in run.items}
-    texts = _generate(run, principles, manifest)
+    store = run.store(STAGE)
+    manifest.set_expected(STAGE, 2 * run.prompts.count)
+    waves = LazyWaves(run.prompts, WAVE)
+    with Progress(2 * run.prompts.count, STAGE, "responses", run.stream) as progress:
+        for w in range(run.waves):
+            requests, extra = _requests(run, waves.get(w))
+            run_gen_step(STAGE, requests, store, run.caller, progress, extra)
     if run.judge_callers and run.judge_callers[0] is not run.caller:
         run.caller.close()  # the policy's work is done: free it before the judge loads
+    judge = _Judge(run, _all_pairs(run, store)) if run.judge_callers else None
     rule = None
     if isinstance(stage.filter.check, dict):
         rule = parse_check(stage.filter.check, "stages.contrast.filter.check")
-    records, rows = [], []
+    tally, failed = C.ContrastTally(), 0
+    spool = run.run_dir / "waves" / SPOOL
+    spool.parent.mkdir(parents=True, exist_ok=True)
+    part = spool.with_name(f".{SPOOL}.part")
+    waves = LazyWaves(run.prompts, WAVE)
+    with open(part, "wb") as out:
+        for w in range(run.waves):
+            wave = waves.get(w)
+            records, pairs = _wave_records(run, wave, store, rule)
+            judged = judge.wave(pairs) if judge is not None and pairs else {}
+            for rec in records:
+                failed += _filter(rec, judged.get(rec["prompt_id"]), stage.filter.min_p, tally)
+                out.write(encode_line(rec))
+            del records, pairs, judged  # one wave in memory, not two while the next is read
+    os.replace(part, spool)
+    if judge is not None:
+        judge.finish(manifest)
+    stats = tally.stats()
+    stats.update(placement=stage.placement, failed=failed)
+    manifest.info["contrast"] = stats
+    settings = PreferenceExportConfig.from_section(cfg.stages.export.preferences)
+    provenance = {**run.provenance(), "contrast": {"placement": stage.placement,
+                                                   "min_p": stage.filter.min_p}}  # fmt: skip
+    out_stats = export_preferences(_Spool(spool), run.run_dir, settings, provenance, manifest)
+    write_contrast(stats, out_stats["export_dir"])
+    return out_stats
+
+
+def _requests(
+    run: RunParts, wave: list[PromptItem]
+) -> tuple[dict[str, GenRequest], dict[str, dict[str, Any]]]:
+    """A wave's two requests per prompt (key ``id<TAB>side``), and what their records add."""
+    cfg, stage = run.cfg, run.cfg.stages.contrast
+    assert stage is not None
+    params = stage.generation.params(cfg.seed + 11)
+    requests: dict[str, GenRequest] = {}
+    extra: dict[str, dict[str, Any]] = {}
+    for item in wave:
+        p = C.contrast_principle(run.constitution, cfg.seed, item.id)
+        for side in C.SIDES:
+            key = f"{item.id}\t{side}"
+            requests[key] = C.contrast_request(
+                run.book, item.messages(), p, side, stage.placement, cfg.system, params
+            )
+            extra[key] = {"side": side, "principle_id": p.id}
+    return requests, extra
+
+
+def _texts(run: RunParts, wave: list[PromptItem], store: StageStore) -> dict[tuple[str, str], str]:
+    """(prompt id, side) -> the response, for a wave's requests that succeeded: read from the
+    stage's records only (the policy is never called here; it may be closed)."""
+    requests, _ = _requests(run, wave)
+    ids = {key: step_id(STAGE, req, run.caller) for key, req in requests.items()}
+    found = store.get_many(ids.values())
+    out = {}
+    for key, rid in ids.items():
+        rec = found.get(rid)
+        if rec is not None and rec["status"] == "ok":
+            pid, side = key.split("\t")
+            p = C.contrast_principle(run.constitution, run.cfg.seed, pid)
+            out[(pid, side)] = C.strip_affix(clean(rec["text"]), p)
+    return out
+
+
+def _wave_records(
+    run: RunParts, wave: list[PromptItem], store: StageStore, rule: Any
+) -> tuple[list[dict[str, Any]], list[PairToJudge]]:
+    """A wave's pair records (before the judge filter) and the pairs the judge gets."""
+    stage = run.cfg.stages.contrast
+    assert stage is not None
+    texts = _texts(run, wave, store)
+    records: list[dict[str, Any]] = []
     pairs: list[PairToJudge] = []
-    for item in run.items:
-        p = principles[item.id]
+    for item in wave:
+        p = C.contrast_principle(run.constitution, run.cfg.seed, item.id)
         pos, neg = (texts.get((item.id, side)) for side in C.SIDES)
         rec: dict[str, Any] = {
             "id": record_id("contrast-pair", {"prompt_id": item.id, "x": pos, "y": neg}),
@@ -85,97 +182,89 @@ def contrast_and_export(run: RunParts, manifest: Manifest) -> dict[str, Any]:
         records.append(rec)
         if run.judge_callers:
             pairs.append(PairToJudge(item.id, item.messages(), pos, neg, STAGE, 0, 1, item.label))
-    judged = _judge(run, pairs, principles, manifest) if pairs else {}
-    for rec in records:
-        if rec["status"] != "ok":
-            continue
-        v = judged.get(rec["prompt_id"])
-        if v is not None:
-            rec["filter"]["judge"] = v.to_dict()
-        why = C.filter_reason(v, stage.filter.min_p, rec["filter"]["check"])
-        if why is not None:
-            rec.update(status="skipped", reason=why)
-        rows.append(
-            C.ContrastRow(rec["principle_id"], rec["x"], rec["y"], rec["filter"]["check"],
-                          v.p_a_better if v is not None and v.status == "ok" else None,
-                          why is None)
-        )  # fmt: skip
-    stats = C.contrast_stats(rows)
-    stats.update(placement=stage.placement, failed=sum(r["status"] == "error" for r in records))
-    manifest.info["contrast"] = stats
-    settings = PreferenceExportConfig.from_section(cfg.stages.export.preferences)
-    provenance = {**run.provenance(), "contrast": {"placement": stage.placement,
-                                                   "min_p": stage.filter.min_p}}  # fmt: skip
-    out = export_preferences(records, run.run_dir, settings, provenance, manifest)
-    write_contrast(stats, out["export_dir"])
-    return out
+    return records, pairs
 
 
-def _generate(
-    run: RunParts, principles: dict[str, Any], manifest: Manifest
-) -> dict[tuple[str, str], str]:
-    """(prompt id, side) -> the response, for every request that succeeded."""
-    cfg, stage = run.cfg, run.cfg.stages.contrast
-    assert stage is not None
-    params = stage.generation.params(cfg.seed + 11)
-    requests: dict[str, GenRequest] = {}
-    extra: dict[str, dict[str, Any]] = {}
-    for item in run.items:
-        for side in C.SIDES:
-            key = f"{item.id}\t{side}"
-            p = principles[item.id]
-            requests[key] = C.contrast_request(
-                run.book, item.messages(), p, side, stage.placement, cfg.system, params
-            )
-            extra[key] = {"side": side, "principle_id": p.id}
-    store = run.store(STAGE)
-    manifest.set_expected(STAGE, len(requests))
-    keys = list(requests)
-    done: dict[str, dict[str, Any]] = {}
-    with Progress(len(keys), STAGE, "responses", run.stream) as progress:
-        for start in range(0, len(keys), 2 * WAVE):
-            chunk = {k: requests[k] for k in keys[start : start + 2 * WAVE]}
-            done.update(run_gen_step(STAGE, chunk, store, run.caller, progress, extra))
-    out = {}
-    for key, rec in done.items():
-        if rec.get("status") == "ok":
-            pid, side = key.split("\t")
-            out[(pid, side)] = C.strip_affix(clean(rec["text"]), principles[pid])
-    return out
+def _filter(rec: dict[str, Any], v: J.Verdict | None, min_p: float, tally: Any) -> int:
+    """Apply the filters to a pair record and count it; 1 for a failed generation."""
+    if rec["status"] != "ok":
+        return 1
+    if v is not None:
+        rec["filter"]["judge"] = v.to_dict()
+    why = C.filter_reason(v, min_p, rec["filter"]["check"])
+    if why is not None:
+        rec.update(status="skipped", reason=why)
+    tally.add(
+        C.ContrastRow(rec["principle_id"], rec["x"], rec["y"], rec["filter"]["check"],
+                      v.p_a_better if v is not None and v.status == "ok" else None, why is None)
+    )  # fmt: skip
+    return 0
 
 
-def _judge(
-    run: RunParts, pairs: list[PairToJudge], principles: dict[str, Any], manifest: Manifest
-) -> dict[str, J.Verdict]:
-    """The filter judge's verdict per prompt id (x = the positive response). A pair is judged
-    under its own principle when that principle can judge (as RLCD-Rescore scores each pair
-    with the instruction of its affix pair), else under the constitution's judge principles."""
-    cfg, jstage = run.cfg, run.cfg.stages.judge
-    assert jstage is not None
-    kind = judge_kind(jstage, cfg.resolve_path("."), run.run_dir)
-    # judge.calibrate: the option prior, estimated on these pairs (each under principles drawn
-    # from the whole constitution: the prior belongs to the judge's letters, not a principle)
-    calibration = calibrate_judges(run, pairs, J.judge_config(jstage), kind)
-    jcfg = calibration.configs[0]
-    store = run.store("judge")
-    manifest.set_expected("judge", len(pairs))
-    groups: dict[str, list[PairToJudge]] = {}
-    for pair in pairs:
-        p = principles[pair.prompt_id]
-        groups.setdefault(p.id if J.judged_by(p, kind.kind) else "", []).append(pair)
-    judged: dict[str, dict[str, Any]] = {}
-    how = jcfg.mode if kind.kind in ("auto", "ai") else kind.kind
-    with Progress(len(pairs), f"judge filter ({how})", "pairs", run.stream) as progress:
+def _all_pairs(run: RunParts, store: StageStore) -> Iterator[PairToJudge]:
+    """Every pair the judge gets, wave by wave (what its calibration draws from)."""
+    for wave in run.prompts.waves(WAVE):
+        texts = _texts(run, wave, store)
+        for item in wave:
+            pos, neg = (texts.get((item.id, side)) for side in C.SIDES)
+            if pos is not None and neg is not None:
+                yield PairToJudge(item.id, item.messages(), pos, neg, STAGE, 0, 1, item.label)
+
+
+class _Spool:
+    """The spooled pair records, read again from the file on each pass (the export reads
+    them twice)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        with open(self.path, "rb") as fh:
+            for line in fh:
+                yield decode_line(line)
+
+
+class _Judge:
+    """The filter judge, wave by wave. A pair is judged under its own principle when that
+    principle can judge (as RLCD-Rescore scores each pair with the instruction of its affix
+    pair), else under the constitution's judge principles."""
+
+    def __init__(self, run: RunParts, pairs: Iterable[PairToJudge]) -> None:
+        cfg, jstage = run.cfg, run.cfg.stages.judge
+        assert jstage is not None
+        self.run = run
+        self.kind = judge_kind(jstage, cfg.resolve_path("."), run.run_dir)
+        # judge.calibrate: the option prior, estimated on these pairs (each under principles
+        # drawn from the whole constitution: the prior belongs to the judge's letters)
+        self.calibration = calibrate_judges(run, pairs, J.judge_config(jstage), self.kind)
+        self.jcfg = self.calibration.configs[0]
+        self.store = run.store("judge")
+        how = self.jcfg.mode if self.kind.kind in ("auto", "ai") else self.kind.kind
+        self.progress = Progress(run.prompts.count, f"judge filter ({how})", "pairs", run.stream)
+        self.pairs = 0
+
+    def wave(self, pairs: list[PairToJudge]) -> dict[str, J.Verdict]:
+        """The verdict per prompt id (x = the positive response) of one wave's pairs."""
+        run, cfg = self.run, self.run.cfg
+        groups: dict[str, list[PairToJudge]] = {}
+        for pair in pairs:
+            p = C.contrast_principle(run.constitution, cfg.seed, pair.prompt_id)
+            groups.setdefault(p.id if J.judged_by(p, self.kind.kind) else "", []).append(pair)
+        judged: dict[str, dict[str, Any]] = {}
         for pid, group in groups.items():
             constitution = run.constitution
             if pid:
                 one = (run.constitution.principle(pid),)
                 constitution = dataclasses.replace(constitution, principles=one)
-            for start in range(0, len(group), WAVE):
-                judged.update(
-                    judge_wave(group[start : start + WAVE], jcfg, constitution, run.book,
-                               cfg.system, cfg.seed, run.judge_callers[0], store, progress,
-                               kind)
-                )  # fmt: skip
-    calibration.record([judged], manifest)
-    return {r["prompt_id"]: J.Verdict.from_dict(r["verdict"]) for r in judged.values()}
+            judged.update(
+                judge_wave(group, self.jcfg, constitution, run.book, cfg.system, cfg.seed,
+                           run.judge_callers[0], self.store, self.progress, self.kind)
+            )  # fmt: skip
+        self.pairs += len(pairs)
+        self.calibration.add(0, judged.values())
+        return {r["prompt_id"]: J.Verdict.from_dict(r["verdict"]) for r in judged.values()}
+
+    def finish(self, manifest: Manifest) -> None:
+        self.progress.close()
+        manifest.set_expected("judge", self.pairs)
+        self.calibration.record([], manifest)

@@ -20,7 +20,6 @@ import dataclasses
 import sys
 import time
 from dataclasses import dataclass, field
-from functools import cached_property
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -88,11 +87,6 @@ class _Run:
     @property
     def waves(self) -> int:
         return -(-self.prompts.count // WAVE)
-
-    @cached_property
-    def items(self) -> list[PromptItem]:
-        """Every prompt in memory (the contrast stage's; the RL-CAI chain reads waves)."""
-        return list(self.prompts)
 
     def fingerprint(self, stage: str) -> str:
         """What decides the records of ``stage`` (see :mod:`rlaif.pipeline.waves`)."""

@@ -23,6 +23,7 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 from statistics import fmean
 from typing import Any
 
@@ -210,3 +211,76 @@ def contrast_stats(rows: Sequence[ContrastRow]) -> dict[str, Any]:
         by.setdefault(r.principle_id, []).append(r)
     stats["by_principle"] = {pid: block(rs) for pid, rs in sorted(by.items())}
     return stats
+
+
+class ContrastTally:
+    """:func:`contrast_stats` counted one row at a time, keeping sums, not rows: the same
+    statistics for a run of any size (means are exact sums divided at the end, as ``fmean``
+    divides ``fsum``)."""
+
+    def __init__(self) -> None:
+        self.overall = _Block()
+        self.by: dict[str, _Block] = {}
+
+    def add(self, row: ContrastRow) -> None:
+        self.overall.add(row)
+        self.by.setdefault(row.principle_id, _Block()).add(row)
+
+    def stats(self) -> dict[str, Any]:
+        stats = self.overall.stats()
+        stats["by_principle"] = {pid: b.stats() for pid, b in sorted(self.by.items())}
+        return stats
+
+
+class _Block:
+    def __init__(self) -> None:
+        self.pairs = self.kept = self.identical = 0
+        self.refusals = dict.fromkeys(SIDES, 0)
+        self.words = dict.fromkeys(SIDES, 0)
+        self.checked = 0
+        self.passed = {s: [0, 0] for s in SIDES}  # passed, checks that gave an answer
+        self.prefers: dict[str, int] = dict.fromkeys(SIDES, 0)
+        self.judged, self.p_sum, self.judge_pos, self.judge_neg = 0, Fraction(0), 0, 0
+
+    def add(self, r: ContrastRow) -> None:
+        self.pairs += 1
+        self.kept += r.kept
+        self.identical += r.positive.strip() == r.negative.strip()
+        for s, text in zip(SIDES, (r.positive, r.negative), strict=True):
+            self.refusals[s] += is_refusal(text)
+            self.words[s] += len(text.split())
+        if r.checks is not None:
+            self.checked += 1
+            for s in SIDES:
+                if r.checks[s]["passed"] is not None:
+                    self.passed[s][0] += bool(r.checks[s]["passed"])
+                    self.passed[s][1] += 1
+            if r.checks["preferred"] in self.prefers:
+                self.prefers[r.checks["preferred"]] += 1
+        if r.judge_p is not None:
+            self.judged += 1
+            self.p_sum += Fraction(r.judge_p)  # exact: its float is fsum's correctly rounded sum
+            self.judge_pos += r.judge_p > 0.5
+            self.judge_neg += r.judge_p < 0.5
+
+    def stats(self) -> dict[str, Any]:
+        n = self.pairs
+        out: dict[str, Any] = {"pairs": n, "kept": self.kept, "identical": self.identical}
+        for s in SIDES:
+            out[s] = {
+                "refusal_rate": float(self.refusals[s]) / n if n else None,
+                "mean_words": float(self.words[s]) / n if n else None,
+            }
+        if self.checked:
+            for s in SIDES:
+                k, m = self.passed[s]
+                out[s]["check_pass_rate"] = float(k) / m if m else None
+            out["check_prefers"] = dict(self.prefers)
+        if self.judged:
+            out["judge"] = {
+                "pairs": self.judged,
+                "mean_p_positive": float(self.p_sum) / self.judged,
+                "prefers_positive": self.judge_pos,
+                "prefers_negative": self.judge_neg,
+            }
+        return out
