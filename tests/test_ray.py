@@ -190,7 +190,12 @@ def test_dead_worker_stops_run_and_resume_matches(tmp_path):
 
         def generate(self, conversations, params):
             if self.calls == 1:
-                ray.kill(backend._actors[1])
+                worker = backend._actors[1]
+                ray.kill(worker)
+                # ray.kill only asks: wait until the worker is gone, or a loaded machine lets
+                # it serve this call too (and the run stops one call later)
+                with pytest.raises(ray.exceptions.RayActorError):
+                    ray.get(worker.ready.remote(), timeout=60)
             self.calls += 1
             return backend.generate(conversations, params)
 
