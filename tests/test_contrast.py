@@ -438,3 +438,31 @@ def test_contrast_memory_does_not_grow_with_the_prompts(tmp_path, monkeypatch):
     large = _contrast_peak(tmp_path / "large", 4 * WAVE)
     per_prompt = (large - small) / (3 * WAVE)
     assert per_prompt < 1500, (small, large, per_prompt)
+
+
+def test_a_full_disk_while_spooling_is_one_line_and_a_rerun_finishes(tmp_path, monkeypatch):
+    import errno
+
+    import rlaif.pipeline.contrast as stage
+    from rlaif.errors import StoreError
+    from rlaif.store import StageStore
+
+    pipe = load_pipeline(make(tmp_path))
+    real = stage.encode_line
+    calls = []
+
+    def full(rec):
+        calls.append(1)
+        if len(calls) > 3:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(rec)
+
+    monkeypatch.setattr(stage, "encode_line", full)
+    with pytest.raises(StoreError, match=r"cannot write .*contrast-records\.jsonl\.part: No space"):
+        run_pipeline(pipe, backend=ContrastFake(), stream=QUIET)
+    monkeypatch.setattr(stage, "encode_line", real)
+    with StageStore(tmp_path / "run", "contrast", readonly=True) as store:
+        assert store.counts()["ok"] == 20  # every response was kept
+    again = ContrastFake()
+    run_pipeline(pipe, backend=again, stream=QUIET)
+    assert again.generated_requests == 0 and len(prefs(tmp_path / "run")) == 10

@@ -44,7 +44,7 @@ from rlaif.stages import contrast as C
 from rlaif.stages import judge as J
 from rlaif.stages.critique import clean
 from rlaif.store import Manifest, StageStore, record_id
-from rlaif.store.jsonl import decode_line, encode_line
+from rlaif.store.jsonl import decode_line, encode_line, write_failure
 
 STAGE = "contrast"
 WAVE = 512  # prompts per wave (two requests each): the runner's wave
@@ -92,16 +92,20 @@ def contrast_and_export(run: RunParts, manifest: Manifest) -> dict[str, Any]:
     spool.parent.mkdir(parents=True, exist_ok=True)
     part = spool.with_name(f".{SPOOL}.part")
     waves = LazyWaves(run.prompts, WAVE)
-    with open(part, "wb") as out:
-        for w in range(run.waves):
-            wave = waves.get(w)
-            records, pairs = _wave_records(run, wave, store, rule)
-            judged = judge.wave(pairs) if judge is not None and pairs else {}
-            for rec in records:
-                failed += _filter(rec, judged.get(rec["prompt_id"]), stage.filter.min_p, tally)
-                out.write(encode_line(rec))
-            del records, pairs, judged  # one wave in memory, not two while the next is read
-    os.replace(part, spool)
+    try:
+        with open(part, "wb") as out:
+            for w in range(run.waves):
+                wave = waves.get(w)
+                records, pairs = _wave_records(run, wave, store, rule)
+                judged = judge.wave(pairs) if judge is not None and pairs else {}
+                for rec in records:
+                    failed += _filter(rec, judged.get(rec["prompt_id"]), stage.filter.min_p,
+                                      tally)  # fmt: skip
+                    out.write(encode_line(rec))
+                del records, pairs, judged  # one wave in memory, not two while the next is read
+        os.replace(part, spool)
+    except OSError as exc:  # the stores hold every generated and judged record: re-run
+        raise write_failure(part, exc) from exc
     if judge is not None:
         judge.finish(manifest)
     stats = tally.stats()
