@@ -21,10 +21,9 @@ Pure functions; :mod:`rlaif.pipeline.contrast` owns model calls, records and the
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from fractions import Fraction
-from statistics import fmean
 from typing import Any
 
 from rlaif.backends.base import Conversation, SamplingParams
@@ -169,54 +168,20 @@ class ContrastRow:
     kept: bool = True
 
 
-def contrast_stats(rows: Sequence[ContrastRow]) -> dict[str, Any]:
+def contrast_stats(rows: Iterable[ContrastRow]) -> dict[str, Any]:
     """How far the positive and negative responses differ: refusal rate, length (words),
     identical pairs, rule-check pass rate and the judge's agreement where they ran, overall
-    and per principle."""
-
-    def side(texts: list[str]) -> dict[str, Any]:
-        return {
-            "refusal_rate": fmean(is_refusal(t) for t in texts) if texts else None,
-            "mean_words": fmean(len(t.split()) for t in texts) if texts else None,
-        }
-
-    def block(rs: Sequence[ContrastRow]) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "pairs": len(rs),
-            "kept": sum(r.kept for r in rs),
-            "identical": sum(r.positive.strip() == r.negative.strip() for r in rs),
-            "positive": side([r.positive for r in rs]),
-            "negative": side([r.negative for r in rs]),
-        }
-        checked = [r.checks for r in rs if r.checks is not None]
-        if checked:
-            for s in SIDES:
-                passed = [c[s]["passed"] for c in checked if c[s]["passed"] is not None]
-                out[s]["check_pass_rate"] = fmean(passed) if passed else None
-            prefs = [c["preferred"] for c in checked]
-            out["check_prefers"] = {s: prefs.count(s) for s in SIDES}
-        judged = [r.judge_p for r in rs if r.judge_p is not None]
-        if judged:
-            out["judge"] = {
-                "pairs": len(judged),
-                "mean_p_positive": fmean(judged),
-                "prefers_positive": sum(p > 0.5 for p in judged),
-                "prefers_negative": sum(p < 0.5 for p in judged),
-            }
-        return out
-
-    stats = block(rows)
-    by: dict[str, list[ContrastRow]] = {}
-    for r in rows:
-        by.setdefault(r.principle_id, []).append(r)
-    stats["by_principle"] = {pid: block(rs) for pid, rs in sorted(by.items())}
-    return stats
+    and per principle (:class:`ContrastTally` over ``rows``)."""
+    tally = ContrastTally()
+    for row in rows:
+        tally.add(row)
+    return tally.stats()
 
 
 class ContrastTally:
-    """:func:`contrast_stats` counted one row at a time, keeping sums, not rows: the same
-    statistics for a run of any size (means are exact sums divided at the end, as ``fmean``
-    divides ``fsum``)."""
+    """The statistics of :func:`contrast_stats`, counted one row at a time: sums, not rows, so
+    a run of any size. Means are exact sums divided at the end (as ``statistics.fmean``
+    divides ``math.fsum``): the same figures, to the last bit, as means over every row."""
 
     def __init__(self) -> None:
         self.overall = _Block()
