@@ -305,16 +305,14 @@ def cache_key(
     # "messages": messages, "params": kept, "template_hash": template_hash}), written out in
     # key order: keys are hashed for every request. Bump "v" if the layout changes, so old
     # caches miss instead of lying.
+    try:
+        msgs = messages.text if type(messages) is Encoded else canonical_json(messages)
+    except CanonicalJSONError:
+        canonical_json({"messages": messages})  # raises again, naming $.messages...
+        raise
     text = (
-        f'{{"kind":{_scalar(kind)},"messages":{_compose(messages)},"model":{_scalar(model)},'
-        f'"params":{canonical_json(kept)},"revision":{_scalar(revision)},'
-        f'"template_hash":{_scalar(template_hash)},"v":1}}'
+        f'{{"kind":{_compose(kind)},"messages":{msgs},"model":{_compose(model)},'
+        f'"params":{canonical_json(kept)},"revision":{_compose(revision)},'
+        f'"template_hash":{_compose(template_hash)},"v":1}}'
     )
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
-
-
-def _scalar(value: Any) -> str:
-    """``canonical_json`` of a value, quicker for a str or None."""
-    if type(value) is str:
-        return _encode_str(value)
-    return "null" if value is None else canonical_json(value)
