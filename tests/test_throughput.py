@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from rlaif.backends.base import common_prefix_length
-from rlaif.calls.caller import ScoreRequest, encoded_messages, request_key
+from rlaif.calls.caller import ScoreRequest, request_key
 from rlaif.errors import ConfigError
 from rlaif.prompts import PromptBook
 from rlaif.stages.judge import JudgeConfig, OrderResult, Verdict
@@ -141,8 +141,8 @@ def test_cache_keys_and_record_ids_are_those_of_before_the_splicing() -> None:
               "requests": [[MESSAGES, MESSAGES], {"check": {"kind": "regex"}}],
               "judge": {"p": 0.5, "k": 1.0}}  # fmt: skip
     assert record_id("judge", inputs) == "d14f4d0b6d266f2f07e343c1"
-    enc = encoded_messages(req)
-    assert encoded_messages(req) is enc  # encoded once per request
+    enc = req.messages_json
+    assert req.messages_json is enc  # encoded once per request
     spliced = {**inputs, "requests": [[enc, enc], {"check": {"kind": "regex"}}],
                "judge": Encoded(inputs["judge"])}  # fmt: skip
     assert record_id("judge", spliced) == "d14f4d0b6d266f2f07e343c1"

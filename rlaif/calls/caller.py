@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from rlaif.backends.base import Backend, ChoiceScores, Completion, Conversation, SamplingParams
@@ -28,8 +29,21 @@ from rlaif.store import CallCache, Encoded, cache_key
 log = logging.getLogger(__name__)
 
 
+class _Request:
+    """What generation and scoring requests share."""
+
+    messages: Conversation
+
+    @cached_property
+    def messages_json(self) -> Encoded:
+        """The messages as canonical JSON, encoded once: the request's cache key and the id
+        of the record that holds its messages both hash them (a request is not changed after
+        it is built)."""
+        return Encoded(self.messages)
+
+
 @dataclass
-class GenRequest:
+class GenRequest(_Request):
     """One generation request: rendered messages, how to sample, and the template behind them."""
 
     messages: Conversation
@@ -38,7 +52,7 @@ class GenRequest:
 
 
 @dataclass
-class ScoreRequest:
+class ScoreRequest(_Request):
     """Score ``choices`` as the assistant's reply to ``messages`` (no generation)."""
 
     messages: Conversation
@@ -90,16 +104,6 @@ class CallStats:
         return dict(self.__dict__)
 
 
-def encoded_messages(req: GenRequest | ScoreRequest) -> Encoded:
-    """The request's messages as canonical JSON, encoded once: a request's cache key and the
-    id of the record that holds its messages both hash them. Requests are not changed after
-    they are built, so the encoding is kept on the request."""
-    enc = req.__dict__.get("_messages_json")
-    if enc is None:
-        enc = req.__dict__["_messages_json"] = Encoded(req.messages)
-    return enc
-
-
 def request_key(model: str, revision: str | None, req: GenRequest | ScoreRequest) -> str:
     """The call-cache key of a request to ``model`` at ``revision``."""
     if isinstance(req, ScoreRequest):
@@ -109,7 +113,7 @@ def request_key(model: str, revision: str | None, req: GenRequest | ScoreRequest
     return cache_key(
         model=model,
         revision=revision,
-        messages=encoded_messages(req),
+        messages=req.messages_json,
         params=params,
         template_hash=req.template_hash,
         kind=kind,

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from rlaif.backends.base import SamplingParams
-from rlaif.calls.caller import GenRequest, ModelCaller, ScoreRequest, encoded_messages
+from rlaif.calls.caller import GenRequest, ModelCaller, ScoreRequest
 from rlaif.constitution import Constitution
 from rlaif.pipeline.judges import JudgeKind
 from rlaif.pipeline.steps import run_gen_step, step_id
@@ -125,7 +125,7 @@ def judge_wave(
             "y": pair.y,
             "source": pair.source,
             "requests": [
-                [encoded_messages(r) for r in rr] if rr else {"check": p.check.to_dict()}
+                [r.messages_json for r in rr] if rr else {"check": p.check.to_dict()}
                 for p, rr in zip(principles, reqs, strict=True)
             ],
             "judge": judge_json,
