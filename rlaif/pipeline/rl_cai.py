@@ -16,7 +16,7 @@ from rlaif.backends.base import SamplingParams
 from rlaif.calls.caller import GenRequest, ModelCaller, ScoreRequest
 from rlaif.constitution import Constitution
 from rlaif.pipeline.judges import JudgeKind
-from rlaif.pipeline.steps import run_gen_step, step_id
+from rlaif.pipeline.steps import recorded, run_gen_step
 from rlaif.progress import Progress
 from rlaif.prompts import PromptBook
 from rlaif.sources import PromptItem
@@ -78,13 +78,8 @@ def read_samples(
     """The responses :func:`sample_wave` recorded for ``items`` (prompt id -> texts, in
     ``items`` order; prompts whose sampling failed or never ran are absent). Reads the store
     only: the policy model is never called (it may be closed already)."""
-    ids = {i.id: step_id("sample", _sample_request(i, params, book, system), caller) for i in items}
-    found = store.get_many(ids.values())
-    return {
-        pid: _texts(found[rid])
-        for pid, rid in ids.items()
-        if rid in found and found[rid]["status"] == "ok"
-    }
+    requests = {i.id: _sample_request(i, params, book, system) for i in items}
+    return {pid: _texts(rec) for pid, rec in recorded("sample", requests, store, caller).items()}
 
 
 def judge_wave(

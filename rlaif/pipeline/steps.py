@@ -18,13 +18,24 @@ def step_id(name: str, req: GenRequest, caller: ModelCaller) -> str:
     return record_id(
         name,
         {
-            "messages": req.messages,
+            "messages": req.messages_json,  # encoded once, for this id and the cache key
             "params": req.params.to_dict(),
             "template_hash": req.template_hash,
             "model": caller.model,
             "revision": caller.revision,
         },
     )
+
+
+def recorded(
+    name: str, requests: dict[str, GenRequest], store: StageStore, caller: ModelCaller
+) -> dict[str, dict[str, Any]]:
+    """The ok records :func:`run_gen_step` wrote for ``requests`` (same keys; requests that
+    failed or never ran are absent), read from the store only: the model is never called (it
+    may be closed already)."""
+    ids = {k: step_id(name, req, caller) for k, req in requests.items()}
+    found = store.get_many(ids.values())
+    return {k: found[rid] for k, rid in ids.items() if found.get(rid, {}).get("status") == "ok"}
 
 
 def run_gen_step(
