@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from rlaif.calls.caller import GenRequest, ModelCaller
-from rlaif.constitution import parse_check
+from rlaif.constitution import Principle, parse_check
 from rlaif.export.contrast import write_contrast
 from rlaif.export.filters import PreferenceExportConfig
 from rlaif.export.preferences import export_preferences
@@ -35,7 +35,7 @@ from rlaif.pipeline import calibration
 from rlaif.pipeline.calibration import calibrate_judges
 from rlaif.pipeline.judges import judge_kind
 from rlaif.pipeline.rl_cai import PairToJudge, judge_wave
-from rlaif.pipeline.steps import run_gen_step, step_id
+from rlaif.pipeline.steps import recorded, run_gen_step
 from rlaif.pipeline.waves import LazyWaves
 from rlaif.progress import Progress
 from rlaif.sources import PromptItem
@@ -44,7 +44,7 @@ from rlaif.stages import contrast as C
 from rlaif.stages import judge as J
 from rlaif.stages.critique import clean
 from rlaif.store import Manifest, StageStore, record_id
-from rlaif.store.jsonl import decode_line, encode_line, write_failure
+from rlaif.store.jsonl import JsonlReader, encode_line, write_failure
 
 STAGE = "contrast"
 WAVE = 512  # prompts per wave (two requests each): the runner's wave
@@ -79,7 +79,8 @@ def contrast_and_export(run: RunParts, manifest: Manifest) -> dict[str, Any]:
     waves = LazyWaves(run.prompts, WAVE)
     with Progress(2 * run.prompts.count, STAGE, "responses", run.stream) as progress:
         for w in range(run.waves):
-            requests, extra = _requests(run, waves.get(w))
+            wave = waves.get(w)
+            requests, extra = _requests(run, wave, _principles(run, wave))
             run_gen_step(STAGE, requests, store, run.caller, progress, extra)
     if run.judge_callers and run.judge_callers[0] is not run.caller:
         run.caller.close()  # the policy's work is done: free it before the judge loads
@@ -96,8 +97,9 @@ def contrast_and_export(run: RunParts, manifest: Manifest) -> dict[str, Any]:
         with open(part, "wb") as out:
             for w in range(run.waves):
                 wave = waves.get(w)
-                records, pairs = _wave_records(run, wave, store, rule)
-                judged = judge.wave(pairs) if judge is not None and pairs else {}
+                principles = _principles(run, wave)
+                records, pairs = _wave_records(run, wave, principles, store, rule)
+                judged = judge.wave(pairs, principles) if judge is not None and pairs else {}
                 for rec in records:
                     failed += _filter(rec, judged.get(rec["prompt_id"]), stage.filter.min_p,
                                       tally)  # fmt: skip
@@ -119,8 +121,13 @@ def contrast_and_export(run: RunParts, manifest: Manifest) -> dict[str, Any]:
     return out_stats
 
 
+def _principles(run: RunParts, wave: list[PromptItem]) -> dict[str, Principle]:
+    """The principle drawn for each prompt of a wave (seeded by the prompt)."""
+    return {i.id: C.contrast_principle(run.constitution, run.cfg.seed, i.id) for i in wave}
+
+
 def _requests(
-    run: RunParts, wave: list[PromptItem]
+    run: RunParts, wave: list[PromptItem], principles: dict[str, Principle]
 ) -> tuple[dict[str, GenRequest], dict[str, dict[str, Any]]]:
     """A wave's two requests per prompt (key ``id<TAB>side``), and what their records add."""
     cfg, stage = run.cfg, run.cfg.stages.contrast
@@ -129,7 +136,7 @@ def _requests(
     requests: dict[str, GenRequest] = {}
     extra: dict[str, dict[str, Any]] = {}
     for item in wave:
-        p = C.contrast_principle(run.constitution, cfg.seed, item.id)
+        p = principles[item.id]
         for side in C.SIDES:
             key = f"{item.id}\t{side}"
             requests[key] = C.contrast_request(
@@ -139,33 +146,41 @@ def _requests(
     return requests, extra
 
 
-def _texts(run: RunParts, wave: list[PromptItem], store: StageStore) -> dict[tuple[str, str], str]:
-    """(prompt id, side) -> the response, for a wave's requests that succeeded: read from the
-    stage's records only (the policy is never called here; it may be closed)."""
-    requests, _ = _requests(run, wave)
-    ids = {key: step_id(STAGE, req, run.caller) for key, req in requests.items()}
-    found = store.get_many(ids.values())
+def _texts(
+    run: RunParts, wave: list[PromptItem], principles: dict[str, Principle], store: StageStore
+) -> dict[tuple[str, str], str]:
+    """(prompt id, side) -> the response, for a wave's requests that succeeded (read from the
+    stage's records only; the policy may be closed)."""
+    requests, _ = _requests(run, wave, principles)
     out = {}
-    for key, rid in ids.items():
-        rec = found.get(rid)
-        if rec is not None and rec["status"] == "ok":
-            pid, side = key.split("\t")
-            p = C.contrast_principle(run.constitution, run.cfg.seed, pid)
-            out[(pid, side)] = C.strip_affix(clean(rec["text"]), p)
+    for key, rec in recorded(STAGE, requests, store, run.caller).items():
+        pid, side = key.split("\t")
+        out[(pid, side)] = C.strip_affix(clean(rec["text"]), principles[pid])
     return out
 
 
+def _pairs(wave: list[PromptItem], texts: dict[tuple[str, str], str]) -> Iterator[PairToJudge]:
+    """The pairs the judge gets: the wave's prompts with both responses."""
+    for item in wave:
+        pos, neg = (texts.get((item.id, side)) for side in C.SIDES)
+        if pos is not None and neg is not None:
+            yield PairToJudge(item.id, item.messages(), pos, neg, STAGE, 0, 1, item.label)
+
+
 def _wave_records(
-    run: RunParts, wave: list[PromptItem], store: StageStore, rule: Any
+    run: RunParts,
+    wave: list[PromptItem],
+    principles: dict[str, Principle],
+    store: StageStore,
+    rule: Any,
 ) -> tuple[list[dict[str, Any]], list[PairToJudge]]:
     """A wave's pair records (before the judge filter) and the pairs the judge gets."""
     stage = run.cfg.stages.contrast
     assert stage is not None
-    texts = _texts(run, wave, store)
+    texts = _texts(run, wave, principles, store)
     records: list[dict[str, Any]] = []
-    pairs: list[PairToJudge] = []
     for item in wave:
-        p = C.contrast_principle(run.constitution, run.cfg.seed, item.id)
+        p = principles[item.id]
         pos, neg = (texts.get((item.id, side)) for side in C.SIDES)
         rec: dict[str, Any] = {
             "id": record_id("contrast-pair", {"prompt_id": item.id, "x": pos, "y": neg}),
@@ -184,12 +199,10 @@ def _wave_records(
         verdict = C.contrast_verdict(p).to_dict()
         rec.update(x=pos, y=neg, verdict=verdict, status="ok", filter={"check": checked})
         records.append(rec)
-        if run.judge_callers:
-            pairs.append(PairToJudge(item.id, item.messages(), pos, neg, STAGE, 0, 1, item.label))
-    return records, pairs
+    return records, (list(_pairs(wave, texts)) if run.judge_callers else [])
 
 
-def _filter(rec: dict[str, Any], v: J.Verdict | None, min_p: float, tally: Any) -> int:
+def _filter(rec: dict[str, Any], v: J.Verdict | None, min_p: float, tally: C.ContrastTally) -> int:
     """Apply the filters to a pair record and count it; 1 for a failed generation."""
     if rec["status"] != "ok":
         return 1
@@ -208,24 +221,19 @@ def _filter(rec: dict[str, Any], v: J.Verdict | None, min_p: float, tally: Any) 
 def _all_pairs(run: RunParts, store: StageStore) -> Iterator[PairToJudge]:
     """Every pair the judge gets, wave by wave (what its calibration draws from)."""
     for wave in run.prompts.waves(WAVE):
-        texts = _texts(run, wave, store)
-        for item in wave:
-            pos, neg = (texts.get((item.id, side)) for side in C.SIDES)
-            if pos is not None and neg is not None:
-                yield PairToJudge(item.id, item.messages(), pos, neg, STAGE, 0, 1, item.label)
+        yield from _pairs(wave, _texts(run, wave, _principles(run, wave), store))
 
 
 class _Spool:
     """The spooled pair records, read again from the file on each pass (the export reads
-    them twice)."""
+    them twice); a damaged line is an error naming the file and line."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        with open(self.path, "rb") as fh:
-            for line in fh:
-                yield decode_line(line)
+        for _, rec in JsonlReader(self.path, tail="error"):
+            yield rec
 
 
 class _Judge:
@@ -247,12 +255,14 @@ class _Judge:
         self.progress = Progress(run.prompts.count, f"judge filter ({how})", "pairs", run.stream)
         self.pairs = 0
 
-    def wave(self, pairs: list[PairToJudge]) -> dict[str, J.Verdict]:
+    def wave(
+        self, pairs: list[PairToJudge], principles: dict[str, Principle]
+    ) -> dict[str, J.Verdict]:
         """The verdict per prompt id (x = the positive response) of one wave's pairs."""
         run, cfg = self.run, self.run.cfg
         groups: dict[str, list[PairToJudge]] = {}
         for pair in pairs:
-            p = C.contrast_principle(run.constitution, cfg.seed, pair.prompt_id)
+            p = principles[pair.prompt_id]
             groups.setdefault(p.id if J.judged_by(p, self.kind.kind) else "", []).append(pair)
         judged: dict[str, dict[str, Any]] = {}
         for pid, group in groups.items():
