@@ -26,8 +26,8 @@ scratch table; afterwards it notices any location past what it loaded (a concurr
 and then builds a private index of what it loaded, in a temporary file, as it does when
 the index itself is unusable.
 
-SQL text holds constants and ``?`` placeholders only: ids travel as parameters.
-Nothing user-controlled is put into SQL text: ids travel as parameters only.
+SQL text holds constants and ``?`` placeholders only: nothing user-controlled is put into
+SQL text, ids travel as parameters.
 """
 
 from __future__ import annotations
@@ -170,11 +170,9 @@ class Index:
 
     def reset(self, reason: str, *, quiet: bool = False) -> None:
         """Start an empty index because the old one cannot be used (logged as one line)."""
-        if quiet:
-            pass
-        elif reason == "no index":
+        if not quiet and reason == "no index":
             log.info("%s: no index yet; building it from the JSONL", self.path)
-        else:
+        elif not quiet:
             log.warning("%s: index %s; rebuilding it from the JSONL", self.path, reason)
         self._delta = [0, 0, 0, 0]
         self._tail_rows = 0
