@@ -323,6 +323,20 @@ def test_bad_dtype_is_a_model_error(tiny_model_dir):
         TransformersBackend(str(tiny_model_dir), dtype="int3")
 
 
+def test_score_batch_auto_is_one_on_cpu_and_a_batch_on_a_gpu(tiny_model_dir):
+    from rlaif.backends.torch_utils import GPU_SCORE_BATCH, pick_score_batch
+
+    assert pick_score_batch("auto", torch.device("cpu")) == 1
+    assert pick_score_batch("auto", torch.device("cuda")) == GPU_SCORE_BATCH > 1
+    assert pick_score_batch(8, torch.device("cuda")) == 8
+    assert pick_score_batch(1, torch.device("cuda")) == 1
+    with TransformersBackend(str(tiny_model_dir), device="cpu") as backend:
+        assert backend.score_batch_size == 1
+    for bad in (0, -3, "16", 2.5, True, None):
+        with pytest.raises(ModelError, match="score_batch_size must be an integer >= 1 or 'auto'"):
+            TransformersBackend(str(tiny_model_dir), score_batch_size=bad)
+
+
 # -- the real default model ----------------------------------------------------------------
 
 

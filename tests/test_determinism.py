@@ -8,8 +8,9 @@ the batch size out on the promise that it does not change results.
 
 Judge log-probabilities included: a float32 forward over a batch of another shape rounds the
 same prompt's scores 1-2 ulp differently, so the transformers backend scores one prompt per
-forward by default (``score_batch_size=1``); margins are then byte-identical across batch sizes
-and between an uninterrupted run and a resumed one, whose remaining requests form other batches.
+forward by default on CPU (``score_batch_size='auto'`` is 1 there); margins are then
+byte-identical across batch sizes and between an uninterrupted run and a resumed one, whose
+remaining requests form other batches.
 """
 
 from __future__ import annotations

@@ -26,6 +26,38 @@ _DTYPES = {
 CPU_AUTO_DTYPE = torch.float32
 
 
+# Judge prompts per forward on a GPU when ``score_batch_size`` is "auto". One prompt per
+# forward is launch-bound there: on an H200 (SmolLM2-135M shape, bf16) it took 27 ms a
+# request against 0.77 ms in batches of 64 (bench/gpu.py, bench/README.md).
+GPU_SCORE_BATCH = 64
+
+
+def pick_score_batch(value: int | str, device: torch.device) -> int:
+    """Prompts per judge forward that a backend's ``score_batch_size`` option names.
+
+    Args:
+        value: a count >= 1, or ``"auto"``: 1 on CPU (scores independent of how requests
+            were batched, so margins are byte-identical across batch sizes and resumes) and
+            :data:`GPU_SCORE_BATCH` on other devices (where a lone forward is mostly launch
+            overhead; bf16 scores then depend on the batch's shape in their last digits).
+        device: where the model runs.
+
+    Returns:
+        The count.
+
+    Raises:
+        ModelError: anything else.
+    """
+    if value == "auto":
+        return 1 if device.type == "cpu" else GPU_SCORE_BATCH
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ModelError(
+            f"score_batch_size must be an integer >= 1 or 'auto', got {value!r}",
+            field="score_batch_size",
+        )
+    return value
+
+
 def pick_device(device: str) -> torch.device:
     """The torch device a backend's ``device`` option names.
 

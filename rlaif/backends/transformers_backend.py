@@ -50,7 +50,14 @@ from rlaif.backends.base import (
 from rlaif.backends.local import LocalModelBackend, choice_ids
 from rlaif.backends.prefix_cache import PrefixKV, forward_tail, plain_kv_cache, split_point
 from rlaif.backends.resolve import DEFAULT_MODEL, resolve_model
-from rlaif.backends.torch_utils import cpu_threads, left_pad, pick_device, pick_dtype, prefill
+from rlaif.backends.torch_utils import (
+    cpu_threads,
+    left_pad,
+    pick_device,
+    pick_dtype,
+    pick_score_batch,
+    prefill,
+)
 from rlaif.errors import BackendError, ModelError
 
 log = logging.getLogger(__name__)
@@ -109,11 +116,14 @@ class TransformersBackend(LocalModelBackend):
             keeps greedy output independent of batch size), or ``"float32"`` /
             ``"bfloat16"`` / ``"float16"``.
         batch_size: rows (conversation x completion) decoded together.
-        score_batch_size: prompts per forward pass in :meth:`score_choices`. The default 1
-            makes judge log-probs independent of how requests were batched (a float32 forward
-            over a batch of another shape rounds 1-2 ulp differently), so preference margins
-            are byte-identical across batch sizes and after a resume. Larger values are faster
-            on some machines and give scores that differ in their last digits.
+        score_batch_size: prompts per forward pass in :meth:`score_choices`, or ``"auto"``
+            (the default): 1 on CPU, 64 on a GPU. One prompt per forward makes judge
+            log-probs independent of how requests were batched (a float32 forward over a
+            batch of another shape rounds 1-2 ulp differently), so preference margins are
+            byte-identical across batch sizes and after a resume; larger values give scores
+            that differ in their last digits. On a GPU one prompt per forward is mostly
+            kernel-launch overhead (27 ms a request against 0.77 ms in batches of 64 on an
+            H200); set 1 there to keep byte-identical margins at that price.
         trust_remote_code: allow models with their own Python code.
         revision: hub branch, tag or commit.
         num_threads: torch CPU threads (process-wide); None picks :func:`cpu_threads` when
@@ -132,7 +142,7 @@ class TransformersBackend(LocalModelBackend):
         device: str = "auto",
         dtype: str | torch.dtype = "auto",
         batch_size: int = 16,
-        score_batch_size: int = 1,
+        score_batch_size: int | str = "auto",
         trust_remote_code: bool = False,
         revision: str | None = None,
         num_threads: int | None = None,
@@ -142,8 +152,6 @@ class TransformersBackend(LocalModelBackend):
 
         if batch_size < 1:
             raise ModelError("batch_size must be >= 1", field="batch_size")
-        if score_batch_size < 1:
-            raise ModelError("score_batch_size must be >= 1", field="score_batch_size")
         if not prefix_cache_mb >= 0:
             raise ModelError("prefix_cache_mb must be >= 0", field="prefix_cache_mb")
         self.prefix_kv = PrefixKV(int(prefix_cache_mb * (1 << 20)))
@@ -153,7 +161,7 @@ class TransformersBackend(LocalModelBackend):
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
         self.batch_size = batch_size
-        self.score_batch_size = score_batch_size
+        self.score_batch_size = pick_score_batch(score_batch_size, self.device)
         if num_threads or self.device.type == "cpu":
             torch.set_num_threads(num_threads or cpu_threads())
         path = self.resolved.path
@@ -337,7 +345,7 @@ class TransformersBackend(LocalModelBackend):
 
         Single-token choices (the judge's "A" / "B") cost one forward pass over the prompts;
         longer choices one forward over prompt + choice per (conversation, choice). Forwards
-        take ``score_batch_size`` rows (default 1: batch-shape independent scores). With one
+        take ``score_batch_size`` rows (1 on CPU: batch-shape independent scores). With one
         row per forward, ``prefixes`` (one :data:`PrefixHint` or None per conversation) lets
         prompts that share a prefix compute it once (see the module notes).
 
