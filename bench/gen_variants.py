@@ -110,6 +110,7 @@ def hf_generate_fn(tok: Any, model: Any, eos_ids: set[int]) -> Any:
             tok.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in convs
         ]
         enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = enc.to(model.device)
         with torch.inference_mode():
             out = model.generate(
                 **enc, max_new_tokens=max_new, do_sample=False, pad_token_id=tok.pad_token_id

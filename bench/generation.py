@@ -244,9 +244,12 @@ def add_workload_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--batch-size", type=int, default=16)
 
 
-def write_workload(work: Path, args: argparse.Namespace) -> tuple[Path, Path]:
+def write_workload(
+    work: Path, args: argparse.Namespace, model: str | None = None
+) -> tuple[Path, Path]:
     """The CAI-32 inputs in ``work``: the first ``args.prompts`` rows of ``args.data`` as
-    ``prompts.jsonl`` and the pipeline over them as ``pipeline.yaml``."""
+    ``prompts.jsonl`` and the pipeline over them as ``pipeline.yaml`` (on ``model``, the
+    default model unless given)."""
     from rlaif.backends import DEFAULT_MODEL
 
     prompts = work / "prompts.jsonl"
@@ -256,7 +259,10 @@ def write_workload(work: Path, args: argparse.Namespace) -> tuple[Path, Path]:
     pipe = work / "pipeline.yaml"
     pipe.write_text(
         PIPELINE.format(
-            batch_size=args.batch_size, model=DEFAULT_MODEL, prompts=prompts, tokens=args.tokens
+            batch_size=args.batch_size,
+            model=model or DEFAULT_MODEL,
+            prompts=prompts,
+            tokens=args.tokens,
         )
     )
     return prompts, pipe

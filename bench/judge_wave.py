@@ -27,30 +27,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def child(pairs: int, principles: int) -> dict:
-    from rlaif.backends.fake import FakeBackend
-    from rlaif.calls.caller import ModelCaller
-    from rlaif.constitution import load_constitution
-    from rlaif.pipeline.rl_cai import PairToJudge, judge_wave
-    from rlaif.progress import Progress
-    from rlaif.prompts import PromptBook
-    from rlaif.stages import judge as J
-    from rlaif.store import CallCache, StageStore
+def make_items(pairs: int) -> list:
+    """``pairs`` synthetic pairs to judge; a prompt's six pairs share its conversation object,
+    as the pipeline's pairs do."""
+    from rlaif.pipeline.rl_cai import PairToJudge
 
-    fake_cpu = [0.0]
-
-    class TimedFake(FakeBackend):
-        def score_choices(self, conversations, choices):  # type: ignore[no-untyped-def]
-            t = time.process_time()
-            try:
-                return super().score_choices(conversations, choices)
-            finally:
-                fake_cpu[0] += time.process_time() - t
-
-    # A prompt's six pairs share its conversation object, as the pipeline's pairs do.
     prompts = [[{"role": "user", "content": f"How do I do task number {n} safely?"}]
                for n in range(pairs // 6 + 1)]  # fmt: skip
-    items = [
+    return [
         PairToJudge(
             f"p{k // 6}",
             prompts[k // 6],
@@ -62,14 +46,26 @@ def child(pairs: int, principles: int) -> dict:
         )
         for k in range(pairs)
     ]
+
+
+def run_waves(backend, items: list, principles: int, batch_size: int = 256) -> dict:  # type: ignore[no-untyped-def]
+    """Judge ``items`` under ``principles`` principles in waves of 512 pairs, as a pipeline's
+    judge stage does (fresh call cache and stage store): CPU and wall seconds."""
+    from rlaif.calls.caller import ModelCaller
+    from rlaif.constitution import load_constitution
+    from rlaif.pipeline.rl_cai import judge_wave
+    from rlaif.progress import Progress
+    from rlaif.prompts import PromptBook
+    from rlaif.stages import judge as J
+    from rlaif.store import CallCache, StageStore
+
     constitution = load_constitution("helpful-harmless")
     book = PromptBook(None)
     jcfg = J.JudgeConfig(principles_k=principles)
     with tempfile.TemporaryDirectory() as tmp:
         cache = CallCache(Path(tmp) / "calls.jsonl")
-        backend = TimedFake()
-        caller = ModelCaller(lambda: backend, model="fake-model", revision=None, cache=cache,
-                             batch_size=256)  # fmt: skip
+        caller = ModelCaller(lambda: backend, model=backend.model_id, revision=None,
+                             cache=cache, batch_size=batch_size)  # fmt: skip
         store = StageStore(Path(tmp), "judge")
         progress = Progress(None, "judge", quiet=True)
         t0 = time.process_time()
@@ -81,12 +77,29 @@ def child(pairs: int, principles: int) -> dict:
         wall = time.perf_counter() - w0
         store.close()
         cache.close()
-    requests = pairs * principles * 2
+    return {"requests": len(items) * principles * 2, "cpu_s": cpu, "wall_s": wall}
+
+
+def child(pairs: int, principles: int) -> dict:
+    from rlaif.backends.fake import FakeBackend
+
+    fake_cpu = [0.0]
+
+    class TimedFake(FakeBackend):
+        def score_choices(self, conversations, choices):  # type: ignore[no-untyped-def]
+            t = time.process_time()
+            try:
+                return super().score_choices(conversations, choices)
+            finally:
+                fake_cpu[0] += time.process_time() - t
+
+    res = run_waves(TimedFake(model_id="fake-model"), make_items(pairs), principles)
+    requests, cpu = res["requests"], res["cpu_s"]
     own = cpu - fake_cpu[0]
     return {
         "requests": requests,
         "cpu_s": round(cpu, 3),
-        "wall_s": round(wall, 3),
+        "wall_s": round(res["wall_s"], 3),
         "fake_cpu_s": round(fake_cpu[0], 3),
         "own_cpu_s": round(own, 3),
         "own_requests_per_cpu_s": round(requests / own, 1),
