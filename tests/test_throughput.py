@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import json
 import os
 import random
 from collections import OrderedDict, namedtuple
@@ -30,6 +31,7 @@ from rlaif.store.hashing import (
     plain_fields,
     record_id,
 )
+from rlaif.store.jsonenc import compact_encoder
 
 
 class Color(str, enum.Enum):
@@ -66,7 +68,7 @@ def _value(rng: random.Random, depth: int = 0) -> object:
 
 def _slow_canonical(obj: object) -> str:
     """The walk canonical_json used before its fast path (json encoder settings unchanged)."""
-    return _CANONICAL.encode(_normalize(obj, "$"))
+    return _CANONICAL(_normalize(obj, "$"))
 
 
 def test_canonical_json_matches_the_path_walk_on_random_values() -> None:
@@ -269,3 +271,60 @@ def test_a_symlink_retargeted_outside_is_refused_at_the_next_render(tmp_path: Pa
     (folder / "t.jinja").symlink_to(outside)
     with pytest.raises(ConfigError, match="links outside its folder"):
         book.render("t")
+
+
+# -- compact_encoder: the C encoder built once writes what JSONEncoder.encode writes ----------
+
+
+def _reference(sort_keys: bool) -> json.JSONEncoder:
+    return json.JSONEncoder(
+        separators=(",", ":"),
+        ensure_ascii=False,
+        allow_nan=False,
+        check_circular=False,
+        sort_keys=sort_keys,
+    )
+
+
+@pytest.mark.parametrize("sort_keys", [False, True])
+def test_compact_encoder_writes_what_the_plain_encoder_writes(sort_keys: bool) -> None:
+    fast, ref = compact_encoder(sort_keys=sort_keys), _reference(sort_keys)
+    rng = random.Random(1)
+    extra = ["", 'é\u2028\ud7ff\n\t"\\', 0.1, -0.0, 1e300, 5e-324, 2**70, -(2**63), True, None]
+    for _ in range(2000):
+        obj = _value(rng)
+        obj = _normalize(obj, "$")  # plain JSON types (the generator makes tuples, enums...)
+        assert fast(obj) == ref.encode(obj)
+    for obj in [*extra, extra, {"b": extra, "a": {"c": [], "d": {}}}]:
+        assert fast(obj) == ref.encode(obj)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), [1, float("inf")], {"x": object()}, {1j: 2}])
+def test_compact_encoder_fails_as_the_plain_encoder_does(bad: object) -> None:
+    fast, ref = compact_encoder(sort_keys=True), _reference(True)
+    with pytest.raises((ValueError, TypeError)) as expected:
+        ref.encode(bad)
+    with pytest.raises(expected.type):
+        fast(bad)
+
+
+def test_compact_encoder_falls_back_without_a_c_encoder(monkeypatch: pytest.MonkeyPatch) -> None:
+    from json import encoder as json_encoder
+
+    monkeypatch.setattr(json_encoder, "c_make_encoder", None)
+    assert compact_encoder(sort_keys=True)({"b": 1, "a": [0.5]}) == '{"a":[0.5],"b":1}'
+
+    monkeypatch.undo()
+    real_make = json_encoder.c_make_encoder
+    calls = []
+
+    def other_signature(*args: object) -> object:
+        # the first call is compact_encoder's: an interpreter whose encoder takes other args
+        calls.append(args)
+        if len(calls) == 1:
+            raise TypeError("takes 10 arguments")
+        return real_make(*args)
+
+    monkeypatch.setattr(json_encoder, "c_make_encoder", other_signature)
+    assert compact_encoder(sort_keys=False)({"b": 1, "a": "é"}) == '{"b":1,"a":"é"}'
+    assert len(calls) == 2  # built once, failed; then the plain encoder's own per call

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, fields, is_dataclass
 from typing import Any
 
 from rlaif.errors import StoreError
+from rlaif.store.jsonenc import compact_encoder
 
 __all__ = [
     "RECORD_ID_HEX",
@@ -44,9 +45,9 @@ _EXECUTION_ONLY_PARAMS = frozenset(
 )
 
 
-_CANONICAL = json.JSONEncoder(
-    sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-)
+# Sorted keys, no whitespace, UTF-8 text, no NaN. Given only what ``_plain`` returns: a fresh
+# tree (a value that contains itself fails there, with RecursionError).
+_CANONICAL = compact_encoder(sort_keys=True)
 
 
 class CanonicalJSONError(StoreError, ValueError):
@@ -151,7 +152,7 @@ def canonical_json(obj: Any) -> str:
         except CanonicalJSONError:
             _normalize(obj, "$")  # raises again, naming the path of the value
             raise
-    return _CANONICAL.encode(plain)
+    return _CANONICAL(plain)
 
 
 class Encoded:
@@ -193,7 +194,7 @@ def _compose(obj: Any) -> str:
         return "true" if obj else "false"
     if t is int:
         return int.__repr__(obj)
-    return _CANONICAL.encode(_plain(obj))
+    return _CANONICAL(_plain(obj))
 
 
 def _str_keys(obj: dict) -> dict:

@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 from rlaif.errors import StoreError
 from rlaif.store.atomic import fsync_dir
+from rlaif.store.jsonenc import compact_encoder
 
 log = logging.getLogger("rlaif.store")
 
@@ -34,13 +35,11 @@ _os_fsync = os.fsync
 
 _READ_CHUNK = 1 << 16
 
-# One encoder, built once: json.dumps with options builds a new encoder on every call.
+# One encoder, built once (json.dumps with options builds a new encoder on every call).
 # No check for circular references (records are trees built from JSON data; the check costs
 # a tenth of the encoding): a cycle ends in RecursionError, which callers report like a
 # value that is not JSON.
-_ENCODER = json.JSONEncoder(
-    ensure_ascii=False, allow_nan=False, separators=(",", ":"), check_circular=False
-)
+_encode = compact_encoder(sort_keys=False)
 
 
 def encode_line(obj: Any) -> bytes:
@@ -52,7 +51,7 @@ def encode_line(obj: Any) -> bytes:
         TypeError: for values that are not JSON.
     """
     try:
-        return (_ENCODER.encode(obj) + "\n").encode("utf-8")
+        return (_encode(obj) + "\n").encode("utf-8")
     except RecursionError:
         raise ValueError("the value contains itself (a circular reference)") from None
 
