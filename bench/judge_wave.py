@@ -8,7 +8,9 @@ and stage store, as a pipeline's judge stage does. CPU time (``time.process_time
 measured, not wall time, so a shared machine changes the figures less; the fake backend's own
 CPU time (it hashes every request to make up scores) is measured apart and taken out:
 "rlaif's own" is everything else (rendering, keys, the call cache, verdicts, record ids,
-the store). Versions alternate for ``--rounds`` rounds.
+the store). The waves run as ``run_pipeline`` runs its stages: under ``run_gc`` (the
+garbage collector's setting for a run) where the version has it. Versions alternate for
+``--rounds`` rounds.
 
     python bench/judge_wave.py --before /tmp/old-checkout --pairs 6000 --rounds 3
 """
@@ -16,6 +18,7 @@ the store). Versions alternate for ``--rounds`` rounds.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -59,10 +62,15 @@ def run_waves(backend, items: list, principles: int, batch_size: int = 256) -> d
     from rlaif.stages import judge as J
     from rlaif.store import CallCache, StageStore
 
+    try:  # run_pipeline runs its stages under run_gc (rlaif/pipeline/gc_tuning.py)
+        from rlaif.pipeline.gc_tuning import run_gc
+    except ImportError:  # code from before it
+        run_gc = contextlib.nullcontext
+
     constitution = load_constitution("helpful-harmless")
     book = PromptBook(None)
     jcfg = J.JudgeConfig(principles_k=principles)
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, run_gc():
         cache = CallCache(Path(tmp) / "calls.jsonl")
         caller = ModelCaller(lambda: backend, model=backend.model_id, revision=None,
                              cache=cache, batch_size=batch_size)  # fmt: skip

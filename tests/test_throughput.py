@@ -328,3 +328,51 @@ def test_compact_encoder_falls_back_without_a_c_encoder(monkeypatch: pytest.Monk
     monkeypatch.setattr(json_encoder, "c_make_encoder", other_signature)
     assert compact_encoder(sort_keys=False)({"b": 1, "a": "é"}) == '{"b":1,"a":"é"}'
     assert len(calls) == 2  # built once, failed; then the plain encoder's own per call
+
+
+def _spy_freezes(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    import gc
+
+    calls: list[str] = []
+    for name in ("freeze", "unfreeze"):
+        real = getattr(gc, name)
+        monkeypatch.setattr(gc, name, lambda n=name, f=real: (calls.append(n), f())[1])
+    return calls
+
+
+def test_run_gc_freezes_and_raises_the_threshold_for_the_run_then_restores_both(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import gc
+
+    from rlaif.pipeline.gc_tuning import YOUNG_THRESHOLD, run_gc
+
+    calls = _spy_freezes(monkeypatch)
+    before = gc.get_threshold()
+    raised = (max(before[0], YOUNG_THRESHOLD), *before[1:])
+    with run_gc():
+        assert gc.get_threshold() == raised and calls == ["freeze"]
+        with run_gc():  # nested: the outer run's setting stays
+            assert gc.get_threshold() == raised
+        assert gc.get_threshold() == raised and calls == ["freeze"]
+    assert gc.get_threshold() == before and calls == ["freeze", "unfreeze"]
+    assert gc.get_freeze_count() == 0
+    with pytest.raises(KeyError), run_gc():
+        raise KeyError("a run that fails")
+    assert gc.get_threshold() == before and gc.get_freeze_count() == 0
+
+
+def test_run_gc_leaves_a_freeze_of_the_process_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    import gc
+
+    from rlaif.pipeline.gc_tuning import run_gc
+
+    gc.freeze()  # a server that froze its objects before forking, say
+    try:
+        calls = _spy_freezes(monkeypatch)
+        with run_gc():
+            pass
+        assert calls == []  # no freeze of its own on top, no unfreeze of the process's
+    finally:
+        monkeypatch.undo()
+        gc.unfreeze()

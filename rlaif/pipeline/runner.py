@@ -33,6 +33,7 @@ from rlaif.errors import ConfigError
 from rlaif.export.card import scrub
 from rlaif.export.sl_cai import export_sl_cai
 from rlaif.pipeline.contrast import contrast_and_export
+from rlaif.pipeline.gc_tuning import run_gc
 from rlaif.pipeline.judge_stage import judge_and_export, sample_params
 from rlaif.pipeline.post import PostResult, run_post
 from rlaif.pipeline.rl_cai import sample_wave
@@ -173,7 +174,7 @@ def run_pipeline(
     t0 = time.perf_counter()
     run_dir = Path(out or cfg.output)
     run_dir.mkdir(parents=True, exist_ok=True)
-    with RunLock(run_dir):
+    with RunLock(run_dir), run_gc():
         ledger = Ledger(run_dir)
         try:
             prompts = _scan(open_prompt_stream(cfg), ledger, cfg)

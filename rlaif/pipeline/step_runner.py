@@ -39,6 +39,7 @@ from rlaif.evaluate.rounds import round_metrics, write_rounds
 from rlaif.export.card import scrub
 from rlaif.pipeline.done import DONE, clean, data_hash, model_identity, now, read_done, write_json
 from rlaif.pipeline.eval_step import evaluate_policy
+from rlaif.pipeline.gc_tuning import run_gc
 from rlaif.pipeline.plan import PlannedStep, plan_steps
 from rlaif.pipeline.runner import run_pipeline
 from rlaif.pipeline.train_steps import (
@@ -152,7 +153,7 @@ def run_steps(
     run_dir.mkdir(parents=True, exist_ok=True)
     state = _Steps(cfg, run_dir, retry_errors, stream or sys.stderr)
     plan = plan_steps(cfg)
-    with RunLock(run_dir):
+    with RunLock(run_dir), run_gc():
         if any(p.kind == "train" and p.trainer in ONLINE_TRAINERS for p in plan):
             items, _ = read_pipeline_prompts(cfg)
             write_prompts(items, run_dir / STEPS / "prompts.jsonl")
