@@ -146,6 +146,7 @@ class PairedScorer:
         self.backend_s = self.raw_s = 0.0
         self.calls = 0
         self.max_diff = 0.0  # largest |rlaif - raw| log-prob: the same computation
+        self.errors: list[str] = []
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.backend, name)
@@ -158,6 +159,13 @@ class PairedScorer:
         return out, time.perf_counter() - t
 
     def score_choices(self, conversations: list, choices: list[str], **kwargs: Any) -> Any:
+        try:
+            return self._paired(conversations, choices, **kwargs)
+        except Exception as exc:  # the caller would record it as a failed request and go on
+            self.errors.append(repr(exc))
+            raise
+
+    def _paired(self, conversations: list, choices: list[str], **kwargs: Any) -> Any:
         raw_first = self.calls % 2 == 1
         self.calls += 1
         if raw_first:
@@ -188,6 +196,8 @@ def judge(args: argparse.Namespace) -> list[dict[str, Any]]:
         run_waves(paired, make_items(60), args.principles)  # warm-up: kernels, allocator
         paired.backend_s = paired.raw_s = 0.0
         res = run_waves(paired, items, args.principles)
+        if paired.errors:
+            raise SystemExit(f"{len(paired.errors)} batches failed: {paired.errors[0]}")
         n, wall = res["requests"], res["wall_s"]
         own = wall - paired.backend_s - paired.raw_s
         row = {

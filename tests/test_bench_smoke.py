@@ -148,3 +148,25 @@ def test_tree_digest_and_model_calls(tmp_path):
     manifest = {"info": {"calls": {"policy": {"model_calls": 3}, "judge-1": {"model_calls": 1}}}}
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     assert resume.model_calls(tmp_path) == 4
+
+
+def test_gpu_bench_compares_the_same_scores_on_cpu(tiny_model_dir, tmp_path):
+    """bench/gpu.py on a CPU: a model of random weights from a config folder, then the judge
+    wave with rlaif's backend beside the raw scorer on the same batches."""
+    import argparse
+
+    from bench import gpu
+
+    made = gpu.make_model(tiny_model_dir, tmp_path / "m", "tiny", "cpu")
+    assert made["parameters"] > 0 and (tmp_path / "m" / "config.json").is_file()
+    args = argparse.Namespace(
+        model=tmp_path / "m", device="cpu", pairs=12, principles=1, score_batch="1,4",
+        raw_batch=8,
+    )  # fmt: skip
+    rows = gpu.judge(args)
+    assert [r["score_batch_size"] for r in rows] == [1, 4]
+    for r in rows:
+        assert r["requests"] == 24
+        assert r["rlaif_own_us"] > 0 and r["backend_us"] > 0 and r["raw_us"] > 0
+        # the raw scorer computes what the backend does (fp32 on CPU: rounding apart)
+        assert r["max_logprob_diff"] < 1e-4
