@@ -471,8 +471,8 @@ def _contrast_peak(tmp_path: Path, n: int) -> int:
 
 
 def test_contrast_memory_does_not_grow_with_the_prompts(tmp_path, monkeypatch):
-    """The stage goes wave by wave (generate; judge, filter, count and spool the pairs; the
-    export streams the spool): Python's allocations peak at about the same height for 4x the
+    """The stage goes wave by wave (generate; judge, filter and count the pairs, kept in the
+    wave ledger; the export streams them back): Python's allocations peak at about the same height for 4x the
     prompts. Holding every prompt, request, record and verdict, it grew by several KB a
     prompt."""
     import rlaif.store.index
@@ -486,29 +486,96 @@ def test_contrast_memory_does_not_grow_with_the_prompts(tmp_path, monkeypatch):
     assert per_prompt < 1500, (small, large, per_prompt)
 
 
-def test_a_full_disk_while_spooling_is_one_line_and_a_rerun_finishes(tmp_path, monkeypatch):
+def _outputs(run_dir: Path) -> dict[str, bytes]:
+    """Every export file (the dataset card, with its timestamps, and the marker of the export's
+    fingerprint apart) and the manifest's contrast and calibration info, to compare runs."""
+    out = {
+        str(f.relative_to(run_dir)): f.read_bytes()
+        for f in sorted((run_dir / "export").rglob("*"))
+        if f.is_file() and f.name != "README.md" and not f.name.startswith(".")
+    }
+    info = json.loads((run_dir / "manifest.json").read_text())["info"]
+    out["info"] = json.dumps([info.get(k) for k in ("contrast", "judge_calibration")]).encode()
+    return out
+
+
+JUDGE_FILTER = "  judge: {principles_k: 1}"
+
+
+def test_a_full_disk_while_the_ledger_is_written_is_one_line_and_a_rerun_finishes(
+    tmp_path, monkeypatch
+):
+    """Three waves of 4 prompts; the disk fills while the second wave's pairs are kept. The
+    re-run skips the first wave's filter, calls no model, and gives what a run with one
+    wave of 512 gave."""
     import errno
 
     import rlaif.pipeline.contrast as stage
+    import rlaif.pipeline.runner as runner
+    import rlaif.store.jsonl as jsonl_mod
     from rlaif.errors import StoreError
     from rlaif.store import StageStore
 
-    pipe = load_pipeline(make(tmp_path))
-    real = stage.encode_line
-    calls = []
+    ref_dir = tmp_path / "ref"
+    ref_dir.mkdir()
+    run_pipeline(load_pipeline(make(ref_dir, extra=JUDGE_FILTER)), backend=ContrastFake(),
+                 stream=QUIET)  # fmt: skip
+    monkeypatch.setattr(runner, "WAVE", 4)
+    monkeypatch.setattr(stage, "WAVE", 4)
+    pipe = load_pipeline(make(tmp_path, extra=JUDGE_FILTER))
+    real = os.write
+    writes = []
 
-    def full(rec):
-        calls.append(1)
-        if len(calls) > 3:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return real(rec)
+    def full(fd, data):
+        if "/waves/" in os.readlink(f"/proc/self/fd/{fd}") and b"contrast-pairs" in bytes(data):
+            writes.append(1)
+            if len(writes) >= 2:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd, data)
 
-    monkeypatch.setattr(stage, "encode_line", full)
-    with pytest.raises(StoreError, match=r"cannot write .*contrast-records\.jsonl\.part: No space"):
+    monkeypatch.setattr(jsonl_mod, "_os_write", full)
+    with pytest.raises(StoreError, match=r"^cannot write .*/waves/.*No space left") as info:
         run_pipeline(pipe, backend=ContrastFake(), stream=QUIET)
-    monkeypatch.setattr(stage, "encode_line", real)
+    assert "\n" not in str(info.value)
+    monkeypatch.setattr(jsonl_mod, "_os_write", real)
     with StageStore(tmp_path / "run", "contrast", readonly=True) as store:
         assert store.counts()["ok"] == 20  # every response was kept
+    filtered = []
+    real_records = stage._wave_records
+    monkeypatch.setattr(stage, "_wave_records", lambda run, wave, *a: (
+        filtered.append(len(wave)), real_records(run, wave, *a))[1])  # fmt: skip
     again = ContrastFake()
     run_pipeline(pipe, backend=again, stream=QUIET)
-    assert again.generated_requests == 0 and len(prefs(tmp_path / "run")) == 10
+    assert again.generated_requests == 0  # every response was generated before
+    assert again.scored_requests == 2 * 2  # the third wave's 2 pairs, both orders: new work
+    assert filtered == [4, 2]  # the first wave was finished: not read again
+    assert _outputs(tmp_path / "run") == _outputs(ref_dir / "run")
+
+
+def test_a_rerun_of_a_finished_contrast_run_answers_from_the_ledger(tmp_path, monkeypatch):
+    """No request rendered, no record read, the same export and statistics; with other
+    export settings the export is written again from the ledger, still without a render."""
+    import rlaif.pipeline.contrast as stage
+
+    pipe = load_pipeline(make(tmp_path, extra=JUDGE_FILTER))
+    first = run_pipeline(pipe, backend=ContrastFake(), stream=QUIET)
+    before = _outputs(tmp_path / "run")
+    rendered = []
+    for name in ("_requests", "_wave_records"):
+        real = getattr(stage, name)
+        monkeypatch.setattr(stage, name, lambda *a, _f=real, _n=name: (rendered.append(_n),
+                                                                       _f(*a))[1])  # fmt: skip
+    again = run_pipeline(pipe, backend=ContrastFake(), stream=QUIET)
+    assert rendered == [] and again.stats["requests"] == again.stats["cache_hits"] == 0
+    assert _outputs(tmp_path / "run") == before
+    assert again.manifest.info["contrast"] == first.manifest.info["contrast"]
+    assert again.exports["preferences"] == first.exports["preferences"]
+    text = (tmp_path / "pipe.yaml").read_text().replace("test_size: 0.0", "test_size: 0.3")
+    (tmp_path / "pipe.yaml").write_text(text)
+    split = run_pipeline(load_pipeline(tmp_path / "pipe.yaml"), backend=ContrastFake(),
+                         stream=QUIET)  # fmt: skip
+    assert rendered == []
+    rows = {k: v["rows"] for k, v in split.exports["preferences"]["splits"].items()}
+    assert rows["train"] + rows["test"] == first.exports["preferences"]["splits"]["train"]["rows"]
+    assert rows["test"] > 0
+    assert split.manifest.info["contrast"] == first.manifest.info["contrast"]

@@ -12,18 +12,19 @@ the filter judge's records per wave, like the other stages, so a killed run resu
 losing or repeating work. ``contrast.json`` in the export folder and ``manifest.info
 ["contrast"]`` hold the statistics the report shows.
 
-Memory holds one wave of prompts at a time: the responses are generated wave by wave, then
-each wave's pairs are judged, filtered, counted (:class:`rlaif.stages.contrast.ContrastTally`)
-and written to ``run_dir/waves/contrast-records.jsonl``, which the export streams (it is
-written again whole by every run, from the stores; a killed run leaves only a ``.part``).
+Memory holds one wave of prompts at a time, and the wave ledger (:mod:`rlaif.pipeline.waves`)
+says which waves are done. First the responses are generated wave by wave (a finished wave is
+skipped without rendering a request). Then each wave's pairs are judged, filtered and counted
+(:class:`rlaif.stages.contrast.ContrastTally`); the wave's ledger entry keeps its counts and
+a second entry its pair records, which the export streams. A re-run skips every finished
+wave, and when the export on disk is the one they make, answers from the ledger. A calibrated
+judge filters every wave again (its prior and rates are over all pairs; no model call).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Iterable, Iterator
-from pathlib import Path
 from typing import Any, Protocol
 
 from rlaif.calls.caller import GenRequest, ModelCaller
@@ -36,19 +37,19 @@ from rlaif.pipeline.calibration import calibrate_judges
 from rlaif.pipeline.judges import judge_kind
 from rlaif.pipeline.rl_cai import PairToJudge, judge_wave
 from rlaif.pipeline.steps import recorded, run_gen_step
-from rlaif.pipeline.waves import LazyWaves
+from rlaif.pipeline.waves import ExportMark, LazyWaves, Ledger, WaveRecords
 from rlaif.progress import Progress
 from rlaif.sources import PromptItem
 from rlaif.sources.stream import PromptStream
 from rlaif.stages import contrast as C
 from rlaif.stages import judge as J
 from rlaif.stages.critique import clean
-from rlaif.store import Manifest, StageStore, record_id
-from rlaif.store.jsonl import JsonlReader, encode_line, write_failure
+from rlaif.store import Manifest, StageStore, content_hash, record_id
 
 STAGE = "contrast"
+FILTER = "contrast-filter"  # ledger: a wave's pairs judged, filtered and counted
+PAIRS = "contrast-pairs"  # ledger: a wave's pair records, what the export reads
 WAVE = 512  # prompts per wave (two requests each): the runner's wave
-SPOOL = "contrast-records.jsonl"  # in run_dir/waves: the export's records, rewritten each run
 
 
 class RunParts(calibration.RunParts, Protocol):
@@ -56,6 +57,9 @@ class RunParts(calibration.RunParts, Protocol):
 
     prompts: PromptStream
     caller: ModelCaller
+    ledger: Ledger
+
+    worked: bool
 
     @property
     def waves(self) -> int: ...
@@ -64,61 +68,112 @@ class RunParts(calibration.RunParts, Protocol):
 
     def provenance(self) -> dict[str, Any]: ...
 
+    def fingerprint(self, stage: str) -> str: ...
+
+    def finished(
+        self, stage: str, fp: str, w: int, stores: list[StageStore]
+    ) -> dict[str, Any] | None: ...
+
+    def finish(
+        self, stage: str, fp: str, w: int, stores: list[StageStore], **data: Any
+    ) -> None: ...
+
 
 def contrast_and_export(run: RunParts, manifest: Manifest) -> dict[str, Any]:
     """Make, filter and export the contrast pairs of every prompt; return the export stats.
 
     Wave by wave, memory holds one wave: the responses are generated, then (after the
-    judge's calibration, which needs every pair) each wave's pairs are judged and filtered,
-    counted for the statistics and written to a spool file, from which the export reads them.
+    judge's calibration, which needs every pair) each wave's pairs are judged, filtered and
+    counted, and their records kept in the wave ledger, from which the export reads them.
     """
     cfg, stage = run.cfg, run.cfg.stages.contrast
     assert stage is not None
     store = run.store(STAGE)
     manifest.set_expected(STAGE, 2 * run.prompts.count)
-    waves = LazyWaves(run.prompts, WAVE)
-    with Progress(2 * run.prompts.count, STAGE, "responses", run.stream) as progress:
-        for w in range(run.waves):
-            wave = waves.get(w)
-            requests, extra = _requests(run, wave, _principles(run, wave))
-            run_gen_step(STAGE, requests, store, run.caller, progress, extra)
+    _generate(run, store)
+    stores = [store, run.store("judge")] if run.judge_callers else [store]
+    fp = run.fingerprint(FILTER)
+    calibrated = cfg.stages.judge is not None and cfg.stages.judge.calibrate != "none"
+    left = [w for w in range(run.waves)
+            if calibrated or run.finished(FILTER, fp, w, stores) is None]  # fmt: skip
+    run.worked = run.worked or bool(left)
+    settings = PreferenceExportConfig.from_section(cfg.stages.export.preferences)
+    mark = ExportMark(run.ledger, run.run_dir,
+                      content_hash([fp, run.waves, dataclasses.asdict(settings)]))  # fmt: skip
+    if not left and (done := mark.done()) is not None:
+        # nothing new since this export was written: its statistics stand
+        manifest.info["contrast"] = done["contrast"]
+        manifest.info.setdefault("export", {})["preferences"] = done["stats"]
+        return dict(done["stats"])
     if run.judge_callers and run.judge_callers[0] is not run.caller:
         run.caller.close()  # the policy's work is done: free it before the judge loads
-    judge = _Judge(run, _all_pairs(run, store)) if run.judge_callers else None
-    rule = None
-    if isinstance(stage.filter.check, dict):
-        rule = parse_check(stage.filter.check, "stages.contrast.filter.check")
-    tally, failed = C.ContrastTally(), 0
-    spool = run.run_dir / "waves" / SPOOL
-    spool.parent.mkdir(parents=True, exist_ok=True)
-    part = spool.with_name(f".{SPOOL}.part")
-    waves = LazyWaves(run.prompts, WAVE)
-    try:
-        with open(part, "wb") as out:
-            for w in range(run.waves):
-                wave = waves.get(w)
-                principles = _principles(run, wave)
-                records, pairs = _wave_records(run, wave, principles, store, rule)
-                judged = judge.wave(pairs, principles) if judge is not None and pairs else {}
-                for rec in records:
-                    failed += _filter(rec, judged.get(rec["prompt_id"]), stage.filter.min_p,
-                                      tally)  # fmt: skip
-                    out.write(encode_line(rec))
-                del records, pairs, judged  # one wave in memory, not two while the next is read
-        os.replace(part, spool)
-    except OSError as exc:  # the stores hold every generated and judged record: re-run
-        raise write_failure(part, exc) from exc
+    judge = _Judge(run, stores[-1], _all_pairs(run, store)) if run.judge_callers else None
+    tally, failed, pairs = _filter_waves(run, fp, left, stores, judge)
     if judge is not None:
-        judge.finish(manifest)
+        judge.finish(manifest, pairs)
     stats = tally.stats()
     stats.update(placement=stage.placement, failed=failed)
     manifest.info["contrast"] = stats
-    settings = PreferenceExportConfig.from_section(cfg.stages.export.preferences)
     provenance = {**run.provenance(), "contrast": {"placement": stage.placement,
                                                    "min_p": stage.filter.min_p}}  # fmt: skip
-    out_stats = export_preferences(_Spool(spool), run.run_dir, settings, provenance, manifest)
+    mark.start()  # an export cut short leaves no marker behind
+    source = WaveRecords(run.ledger, PAIRS, fp, run.waves, store)
+    out_stats = export_preferences(source, run.run_dir, settings, provenance, manifest)
     write_contrast(stats, out_stats["export_dir"])
+    mark.finish(stats=manifest.info["export"]["preferences"], contrast=stats)
     return out_stats
+
+
+def _generate(run: RunParts, store: StageStore) -> None:
+    """Both responses of every prompt, wave by wave; a finished wave is skipped."""
+    fp = run.fingerprint(STAGE)
+    waves = LazyWaves(run.prompts, WAVE)
+    with Progress(2 * run.prompts.count, STAGE, "responses", run.stream) as progress:
+        for w in range(run.waves):
+            if (entry := run.finished(STAGE, fp, w, [store])) is not None:
+                progress.update(2 * entry["prompts"])
+                continue
+            wave = waves.get(w)
+            requests, extra = _requests(run, wave, _principles(run, wave))
+            run_gen_step(STAGE, requests, store, run.caller, progress, extra)
+            errors = len(requests) - len(recorded(STAGE, requests, store, run.caller))
+            run.finish(STAGE, fp, w, [store], errors=errors, prompts=len(wave))
+
+
+def _filter_waves(
+    run: RunParts, fp: str, left: list[int], stores: list[StageStore], judge: _Judge | None
+) -> tuple[C.ContrastTally, int, int]:
+    """Judge, filter and count the pairs of the waves ``left``; the counts of the others come
+    from their ledger entries. Returns the tally, the failed generations and the pairs the
+    judge got."""
+    stage = run.cfg.stages.contrast
+    assert stage is not None
+    rule = None
+    if isinstance(stage.filter.check, dict):
+        rule = parse_check(stage.filter.check, "stages.contrast.filter.check")
+    tally, failed, judged_pairs = C.ContrastTally(), 0, 0
+    todo = set(left)
+    waves = LazyWaves(run.prompts, WAVE)
+    for w in range(run.waves):
+        if w not in todo:
+            entry = run.ledger.finished(FILTER, fp, w)
+            assert entry is not None  # found finished a moment ago
+        else:
+            wave = waves.get(w)
+            principles = _principles(run, wave)
+            records, pairs = _wave_records(run, wave, principles, stores[0], rule)
+            judged = judge.wave(pairs, principles) if judge is not None and pairs else {}
+            counts = C.ContrastTally()
+            errors = sum(_filter(rec, judged.get(rec["prompt_id"]), stage.filter.min_p, counts)
+                         for rec in records)  # fmt: skip
+            run.ledger.finish(PAIRS, fp, w, records=records)  # first: the entry below vouches
+            entry = {"tally": counts.to_dict(), "failed": errors, "pairs": len(pairs)}
+            run.finish(FILTER, fp, w, stores, errors=errors, prompts=len(wave), **entry)
+            del records, pairs, judged  # one wave in memory, not two while the next is read
+        tally.merge(entry["tally"])
+        failed += entry["failed"]
+        judged_pairs += entry["pairs"]
+    return tally, failed, judged_pairs
 
 
 def _principles(run: RunParts, wave: list[PromptItem]) -> dict[str, Principle]:
@@ -224,36 +279,22 @@ def _all_pairs(run: RunParts, store: StageStore) -> Iterator[PairToJudge]:
         yield from _pairs(wave, _texts(run, wave, _principles(run, wave), store))
 
 
-class _Spool:
-    """The spooled pair records, read again from the file on each pass (the export reads
-    them twice); a damaged line is an error naming the file and line."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        for _, rec in JsonlReader(self.path, tail="error"):
-            yield rec
-
-
 class _Judge:
     """The filter judge, wave by wave. A pair is judged under its own principle when that
     principle can judge (as RLCD-Rescore scores each pair with the instruction of its affix
     pair), else under the constitution's judge principles."""
 
-    def __init__(self, run: RunParts, pairs: Iterable[PairToJudge]) -> None:
+    def __init__(self, run: RunParts, store: StageStore, pairs: Iterable[PairToJudge]) -> None:
         cfg, jstage = run.cfg, run.cfg.stages.judge
         assert jstage is not None
-        self.run = run
+        self.run, self.store = run, store
         self.kind = judge_kind(jstage, cfg.resolve_path("."), run.run_dir)
         # judge.calibrate: the option prior, estimated on these pairs (each under principles
         # drawn from the whole constitution: the prior belongs to the judge's letters)
         self.calibration = calibrate_judges(run, pairs, J.judge_config(jstage), self.kind)
         self.jcfg = self.calibration.configs[0]
-        self.store = run.store("judge")
         how = self.jcfg.mode if self.kind.kind in ("auto", "ai") else self.kind.kind
         self.progress = Progress(run.prompts.count, f"judge filter ({how})", "pairs", run.stream)
-        self.pairs = 0
 
     def wave(
         self, pairs: list[PairToJudge], principles: dict[str, Principle]
@@ -274,11 +315,12 @@ class _Judge:
                 judge_wave(group, self.jcfg, constitution, run.book, cfg.system, cfg.seed,
                            run.judge_callers[0], self.store, self.progress, self.kind)
             )  # fmt: skip
-        self.pairs += len(pairs)
         self.calibration.add(0, judged.values())
         return {r["prompt_id"]: J.Verdict.from_dict(r["verdict"]) for r in judged.values()}
 
-    def finish(self, manifest: Manifest) -> None:
+    def finish(self, manifest: Manifest, pairs: int) -> None:
+        """Close the progress bar; the manifest expects ``pairs`` judge records (every
+        wave's) and gets the calibration's figures."""
         self.progress.close()
-        manifest.set_expected("judge", self.pairs)
+        manifest.set_expected("judge", pairs)
         self.calibration.record([], manifest)

@@ -22,12 +22,11 @@ from rlaif.pipeline.calibration import calibrate_judges
 from rlaif.pipeline.judges import judge_kind
 from rlaif.pipeline.rl_cai import judge_wave, read_samples
 from rlaif.pipeline.select import combine, wave_errors, wave_export_records, wave_pairs
-from rlaif.pipeline.waves import WAVE, LazyWaves, WaveRecords, pack
+from rlaif.pipeline.waves import WAVE, ExportMark, LazyWaves, WaveRecords, pack
 from rlaif.progress import Progress
 from rlaif.sources import PromptItem
 from rlaif.stages import judge as J
 from rlaif.store import Manifest, content_hash
-from rlaif.store.atomic import write_atomic
 
 __all__ = ["SELECT", "judge_and_export", "sample_params"]
 
@@ -39,8 +38,6 @@ def sample_params(cfg: PipelineConfig) -> Any:
 
 
 SELECT = "judge-select"
-EXPORT = "export-preferences"  # the ledger stage whose entry holds a written export's stats
-MARKER = ".fingerprint.preferences"  # in export/: the fingerprint of the export on disk
 
 
 def judge_and_export(run: Any, manifest: Manifest, traces: Any) -> dict[str, Any]:
@@ -66,11 +63,10 @@ def judge_and_export(run: Any, manifest: Manifest, traces: Any) -> dict[str, Any
             before += entry.get("pairs", 0)
     run.worked = run.worked or bool(left)
     settings = PreferenceExportConfig.from_section(cfg.stages.export.preferences)
-    export_fp = content_hash([fp, run.waves, dataclasses.asdict(settings)])
-    done = run.ledger.finished(EXPORT, export_fp, 0)
-    marker = run.run_dir / "export" / MARKER
-    written = marker.is_file() and marker.read_text(encoding="utf-8") == export_fp
-    if not left and done is not None and written:
+    mark = ExportMark(
+        run.ledger, run.run_dir, content_hash([fp, run.waves, dataclasses.asdict(settings)])
+    )
+    if not left and (done := mark.done()) is not None:
         # nothing new since this export was written: its statistics stand
         manifest.info.setdefault("export", {})["preferences"] = done["stats"]
         return dict(done["stats"])
@@ -108,11 +104,10 @@ def judge_and_export(run: Any, manifest: Manifest, traces: Any) -> dict[str, Any
         manifest.set_expected(name, pairs_total + before)
     cal = calibration.record([], manifest)
     provenance = {**run.provenance(), **cal}
-    marker.unlink(missing_ok=True)  # an export cut short leaves no marker behind
+    mark.start()  # an export cut short leaves no marker behind
     source = WaveRecords(run.ledger, SELECT, fp, run.waves, stores[0])
     stats = export_preferences(source, run.run_dir, settings, provenance, manifest)
-    run.ledger.finish(EXPORT, export_fp, 0, stats=manifest.info["export"]["preferences"])
-    write_atomic(marker, export_fp)  # the export on disk is this one
+    mark.finish(stats=manifest.info["export"]["preferences"])  # the export on disk is this one
     return stats
 
 

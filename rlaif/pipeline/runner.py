@@ -254,7 +254,6 @@ def run_pipeline(
             if traces is not None:
                 exports.update(export_sl_cai(run_dir, traces, cfg.stages.export, base))
             if cfg.stages.contrast is not None:  # RLCD: pairs by construction, judge filters
-                run.worked = True
                 exports["preferences"] = contrast_and_export(run, base)
             elif cfg.stages.judge is not None:
                 if caller not in judge_callers:

@@ -24,11 +24,21 @@ from typing import Any
 from rlaif.sources import PromptItem
 from rlaif.sources.stream import PromptStream
 from rlaif.store import StageStore, content_hash, record_id
+from rlaif.store.atomic import write_atomic
 
 WAVE = 512  # prompts per wave: bounds memory, keeps batches full
 LEDGER_DIR = "waves"
 
-__all__ = ["LEDGER_DIR", "WAVE", "LazyWaves", "Ledger", "WaveRecords", "fingerprint", "pack"]
+__all__ = [
+    "LEDGER_DIR",
+    "WAVE",
+    "ExportMark",
+    "LazyWaves",
+    "Ledger",
+    "WaveRecords",
+    "fingerprint",
+    "pack",
+]
 
 
 def fingerprint(*parts: Any) -> str:
@@ -67,6 +77,34 @@ class Ledger:
 
     def close(self) -> None:
         self.store.close()
+
+
+class ExportMark:
+    """Whether the preference export on disk is the one a stage's finished waves and the
+    export settings make (``fp``): the ledger keeps the written export's statistics, and a
+    marker file in ``export/`` says which export is there (removed while one is written, so
+    an export cut short is written again)."""
+
+    STAGE = "export-preferences"  # the ledger stage whose entry holds a written export's stats
+    MARKER = ".fingerprint.preferences"
+
+    def __init__(self, ledger: Ledger, run_dir: Path, fp: str) -> None:
+        self.ledger, self.fp = ledger, fp
+        self.marker = Path(run_dir) / "export" / self.MARKER
+
+    def done(self) -> dict[str, Any] | None:
+        """The ledger entry of this export when it is the one on disk, else ``None``."""
+        entry = self.ledger.finished(self.STAGE, self.fp, 0)
+        if entry is None or not self.marker.is_file():
+            return None
+        return entry if self.marker.read_text(encoding="utf-8") == self.fp else None
+
+    def start(self) -> None:
+        self.marker.unlink(missing_ok=True)
+
+    def finish(self, **data: Any) -> None:
+        self.ledger.finish(self.STAGE, self.fp, 0, **data)
+        write_atomic(self.marker, self.fp)
 
 
 class LazyWaves:

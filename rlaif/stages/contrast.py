@@ -196,6 +196,17 @@ class ContrastTally:
         stats["by_principle"] = {pid: b.stats() for pid, b in sorted(self.by.items())}
         return stats
 
+    def to_dict(self) -> dict[str, Any]:
+        """The counts as JSON (a wave's, kept in its ledger entry); :meth:`merge` adds them."""
+        return {"overall": self.overall.to_dict(),
+                "by": {pid: b.to_dict() for pid, b in sorted(self.by.items())}}  # fmt: skip
+
+    def merge(self, counts: dict[str, Any]) -> None:
+        """Add the counts of another tally (:meth:`to_dict`): the same as adding its rows."""
+        self.overall.merge(counts["overall"])
+        for pid, block in counts["by"].items():
+            self.by.setdefault(pid, _Block()).merge(block)
+
 
 class _Block:
     def __init__(self) -> None:
@@ -206,6 +217,27 @@ class _Block:
         self.passed = {s: [0, 0] for s in SIDES}  # passed, checks that gave an answer
         self.prefers: dict[str, int] = dict.fromkeys(SIDES, 0)
         self.judged, self.p_sum, self.judge_pos, self.judge_neg = 0, Fraction(0), 0, 0
+
+    _INTS = ("pairs", "kept", "identical", "checked", "judged", "judge_pos", "judge_neg")
+    _BY_SIDE = ("refusals", "words", "prefers")
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {k: getattr(self, k) for k in self._INTS + self._BY_SIDE}
+        out["passed"] = {s: list(v) for s, v in self.passed.items()}
+        out["p_sum"] = [self.p_sum.numerator, self.p_sum.denominator]  # exact
+        return out
+
+    def merge(self, d: dict[str, Any]) -> None:
+        for k in self._INTS:
+            setattr(self, k, getattr(self, k) + d[k])
+        for k in self._BY_SIDE:
+            mine = getattr(self, k)
+            for side, v in d[k].items():
+                mine[side] = mine.get(side, 0) + v
+        for side, (k, m) in d["passed"].items():
+            self.passed[side][0] += k
+            self.passed[side][1] += m
+        self.p_sum += Fraction(*d["p_sum"])
 
     def add(self, r: ContrastRow) -> None:
         self.pairs += 1
