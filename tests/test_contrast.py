@@ -454,6 +454,15 @@ def test_the_running_tally_gives_contrast_stats():
             tally.add(row)
         assert tally.stats() == _means_over_every_row(subset) == C.contrast_stats(subset)
     assert C.ContrastTally().stats()["pairs"] == 0
+    # waves' counts kept as JSON in the ledger and merged: the same as counting every row
+    for cut in ([], [1], [7, 100, 101, 499], list(range(0, 500, 37))):
+        merged = C.ContrastTally()
+        for a, b in zip([0, *cut], [*cut, 500], strict=True):
+            wave = C.ContrastTally()
+            for row in rows[a:b]:
+                wave.add(row)
+            merged.merge(json.loads(json.dumps(wave.to_dict())))
+        assert merged.stats() == C.contrast_stats(rows)
 
 
 def _contrast_peak(tmp_path: Path, n: int) -> int:
