@@ -481,9 +481,9 @@ def _contrast_peak(tmp_path: Path, n: int) -> int:
 
 def test_contrast_memory_does_not_grow_with_the_prompts(tmp_path, monkeypatch):
     """The stage goes wave by wave (generate; judge, filter and count the pairs, kept in the
-    wave ledger; the export streams them back): Python's allocations peak at about the same height for 4x the
-    prompts. Holding every prompt, request, record and verdict, it grew by several KB a
-    prompt."""
+    wave ledger; the export streams them back): Python's allocations peak at about the same
+    height for 4x the prompts. Holding every prompt, request, record and verdict, it grew by
+    several KB a prompt."""
     import rlaif.store.index
     from rlaif.pipeline.contrast import WAVE
 
@@ -588,3 +588,33 @@ def test_a_rerun_of_a_finished_contrast_run_answers_from_the_ledger(tmp_path, mo
     assert rows["train"] + rows["test"] == first.exports["preferences"]["splits"]["train"]["rows"]
     assert rows["test"] > 0
     assert split.manifest.info["contrast"] == first.manifest.info["contrast"]
+
+
+class JudgeFailsOn(ContrastFake):
+    """ContrastFake whose judge calls fail for one prompt while ``failing`` is set."""
+
+    def __init__(self, failing: bool) -> None:
+        super().__init__()
+        self.failing = failing
+
+    def score_choices(self, conversations, choices):
+        if self.failing and any("question 3?" in m["content"] for c in conversations for m in c):
+            raise RuntimeError("judge down")
+        return super().score_choices(conversations, choices)
+
+
+def test_a_failed_verdict_is_kept_by_a_rerun_and_judged_again_under_retry_errors(tmp_path):
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    run_pipeline(load_pipeline(make(ref, extra=JUDGE_FILTER)), backend=ContrastFake(),
+                 stream=QUIET)  # fmt: skip
+    pipe = load_pipeline(make(tmp_path, extra=JUDGE_FILTER))
+    first = run_pipeline(pipe, backend=JudgeFailsOn(True), stream=QUIET)
+    assert first.manifest.stages["judge"].error == 1
+    again = JudgeFailsOn(False)
+    run_pipeline(pipe, backend=again, stream=QUIET)
+    assert again.scored_requests == 0  # the failure stands: nothing asked again
+    retried = JudgeFailsOn(False)
+    run_pipeline(pipe, backend=retried, stream=QUIET, retry_errors=True)
+    assert retried.scored_requests == 2 and retried.generated_requests == 0
+    assert _outputs(tmp_path / "run") == _outputs(ref / "run")

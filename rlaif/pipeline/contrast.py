@@ -164,10 +164,12 @@ def _filter_waves(
             records, pairs = _wave_records(run, wave, principles, stores[0], rule)
             judged = judge.wave(pairs, principles) if judge is not None and pairs else {}
             counts = C.ContrastTally()
-            errors = sum(_filter(rec, judged.get(rec["prompt_id"]), stage.filter.min_p, counts)
-                         for rec in records)  # fmt: skip
+            failed_here = sum(_filter(rec, judged.get(rec["prompt_id"]), stage.filter.min_p,
+                                      counts) for rec in records)  # fmt: skip
+            # a failed verdict too makes the wave one that --retry-errors does again
+            errors = failed_here + sum(v.status != "ok" for v in judged.values())
             run.ledger.finish(PAIRS, fp, w, records=records)  # first: the entry below vouches
-            entry = {"tally": counts.to_dict(), "failed": errors, "pairs": len(pairs)}
+            entry = {"tally": counts.to_dict(), "failed": failed_here, "pairs": len(pairs)}
             run.finish(FILTER, fp, w, stores, errors=errors, prompts=len(wave), **entry)
             del records, pairs, judged  # one wave in memory, not two while the next is read
         tally.merge(entry["tally"])
