@@ -107,10 +107,15 @@ def contrast_and_export(run: RunParts, manifest: Manifest) -> dict[str, Any]:
         return dict(done["stats"])
     if run.judge_callers and run.judge_callers[0] is not run.caller:
         run.caller.close()  # the policy's work is done: free it before the judge loads
-    judge = _Judge(run, stores[-1], _all_pairs(run, store)) if run.judge_callers else None
+    judge = None
+    if run.judge_callers and left:  # at most one pair a prompt: the waves' prompts bound them
+        bound = sum(min(WAVE, run.prompts.count - w * WAVE) for w in left)
+        judge = _Judge(run, stores[-1], _all_pairs(run, store), bound)
     tally, failed, pairs = _filter_waves(run, fp, left, stores, judge)
+    if run.judge_callers:
+        manifest.set_expected("judge", pairs)  # every wave's, finished before or now
     if judge is not None:
-        judge.finish(manifest, pairs)
+        judge.finish(manifest)
     stats = tally.stats()
     stats.update(placement=stage.placement, failed=failed)
     manifest.info["contrast"] = stats
@@ -286,7 +291,9 @@ class _Judge:
     principle can judge (as RLCD-Rescore scores each pair with the instruction of its affix
     pair), else under the constitution's judge principles."""
 
-    def __init__(self, run: RunParts, store: StageStore, pairs: Iterable[PairToJudge]) -> None:
+    def __init__(
+        self, run: RunParts, store: StageStore, pairs: Iterable[PairToJudge], bound: int
+    ) -> None:
         cfg, jstage = run.cfg, run.cfg.stages.judge
         assert jstage is not None
         self.run, self.store = run, store
@@ -296,7 +303,7 @@ class _Judge:
         self.calibration = calibrate_judges(run, pairs, J.judge_config(jstage), self.kind)
         self.jcfg = self.calibration.configs[0]
         how = self.jcfg.mode if self.kind.kind in ("auto", "ai") else self.kind.kind
-        self.progress = Progress(run.prompts.count, f"judge filter ({how})", "pairs", run.stream)
+        self.progress = Progress(bound, f"judge filter ({how})", "pairs", run.stream)
 
     def wave(
         self, pairs: list[PairToJudge], principles: dict[str, Principle]
@@ -320,9 +327,7 @@ class _Judge:
         self.calibration.add(0, judged.values())
         return {r["prompt_id"]: J.Verdict.from_dict(r["verdict"]) for r in judged.values()}
 
-    def finish(self, manifest: Manifest, pairs: int) -> None:
-        """Close the progress bar; the manifest expects ``pairs`` judge records (every
-        wave's) and gets the calibration's figures."""
+    def finish(self, manifest: Manifest) -> None:
+        """Close the progress bar; the manifest gets the calibration's figures."""
         self.progress.close()
-        manifest.set_expected("judge", pairs)
         self.calibration.record([], manifest)
