@@ -94,30 +94,37 @@ def contrast_and_export(run: RunParts, manifest: Manifest) -> dict[str, Any]:
     stores = [store, run.store("judge")] if run.judge_callers else [store]
     fp = run.fingerprint(FILTER)
     calibrated = cfg.stages.judge is not None and cfg.stages.judge.calibrate != "none"
-    left = [w for w in range(run.waves)
-            if calibrated or run.finished(FILTER, fp, w, stores) is None]  # fmt: skip
+    # the waves finished before this run count from their ledger entries; the rest are left
+    done = _Filtered()
+    left: list[int] = []
+    for w in range(run.waves):
+        entry = None if calibrated else run.finished(FILTER, fp, w, stores)
+        if entry is None:
+            left.append(w)
+        else:
+            done.add(entry)
     run.worked = run.worked or bool(left)
     settings = PreferenceExportConfig.from_section(cfg.stages.export.preferences)
     mark = ExportMark(run.ledger, run.run_dir,
                       content_hash([fp, run.waves, dataclasses.asdict(settings)]))  # fmt: skip
-    if not left and (done := mark.done()) is not None:
+    if not left and (written := mark.done()) is not None:
         # nothing new since this export was written: its statistics stand
-        manifest.info["contrast"] = done["contrast"]
-        manifest.info.setdefault("export", {})["preferences"] = done["stats"]
-        return dict(done["stats"])
+        manifest.info["contrast"] = written["contrast"]
+        manifest.info.setdefault("export", {})["preferences"] = written["stats"]
+        return dict(written["stats"])
     if run.judge_callers and run.judge_callers[0] is not run.caller:
         run.caller.close()  # the policy's work is done: free it before the judge loads
     judge = None
     if run.judge_callers and left:  # at most one pair a prompt: the waves' prompts bound them
         bound = sum(min(WAVE, run.prompts.count - w * WAVE) for w in left)
         judge = _Judge(run, stores[-1], _all_pairs(run, store), bound)
-    tally, failed, pairs = _filter_waves(run, fp, left, stores, judge)
+    _filter_waves(run, fp, left, stores, judge, done)
     if run.judge_callers:
-        manifest.set_expected("judge", pairs)  # every wave's, finished before or now
+        manifest.set_expected("judge", done.pairs)  # every wave's, finished before or now
     if judge is not None:
         judge.finish(manifest)
-    stats = tally.stats()
-    stats.update(placement=stage.placement, failed=failed)
+    stats = done.tally.stats()
+    stats.update(placement=stage.placement, failed=done.failed)
     manifest.info["contrast"] = stats
     provenance = {**run.provenance(), "contrast": {"placement": stage.placement,
                                                    "min_p": stage.filter.min_p}}  # fmt: skip
@@ -140,47 +147,57 @@ def _generate(run: RunParts, store: StageStore) -> None:
                 continue
             wave = waves.get(w)
             requests, extra = _requests(run, wave, _principles(run, wave))
-            run_gen_step(STAGE, requests, store, run.caller, progress, extra)
-            errors = len(requests) - len(recorded(STAGE, requests, store, run.caller))
-            run.finish(STAGE, fp, w, [store], errors=errors, prompts=len(wave))
+            out = run_gen_step(STAGE, requests, store, run.caller, progress, extra)
+            ok = sum(rec["status"] == "ok" for rec in out.values())
+            run.finish(STAGE, fp, w, [store], errors=len(requests) - ok, prompts=len(wave))
+
+
+class _Filtered:
+    """What the filtered waves add up to: their statistics' counts, failed generations and
+    the pairs the judge got."""
+
+    def __init__(self) -> None:
+        self.tally = C.ContrastTally()
+        self.failed = self.pairs = 0
+
+    def add(self, entry: dict[str, Any]) -> None:
+        """Count a wave's ``contrast-filter`` ledger entry."""
+        self.tally.merge(entry["tally"])
+        self.failed += entry["failed"]
+        self.pairs += entry["pairs"]
 
 
 def _filter_waves(
-    run: RunParts, fp: str, left: list[int], stores: list[StageStore], judge: _Judge | None
-) -> tuple[C.ContrastTally, int, int]:
-    """Judge, filter and count the pairs of the waves ``left``; the counts of the others come
-    from their ledger entries. Returns the tally, the failed generations and the pairs the
-    judge got."""
+    run: RunParts,
+    fp: str,
+    left: list[int],
+    stores: list[StageStore],
+    judge: _Judge | None,
+    done: _Filtered,
+) -> None:
+    """Judge, filter and count the pairs of the waves ``left``, keeping each wave's counts and
+    pair records in the ledger, and add them to ``done``."""
     stage = run.cfg.stages.contrast
     assert stage is not None
     rule = None
     if isinstance(stage.filter.check, dict):
         rule = parse_check(stage.filter.check, "stages.contrast.filter.check")
-    tally, failed, judged_pairs = C.ContrastTally(), 0, 0
-    todo = set(left)
     waves = LazyWaves(run.prompts, WAVE)
-    for w in range(run.waves):
-        if w not in todo:
-            entry = run.ledger.finished(FILTER, fp, w)
-            assert entry is not None  # found finished a moment ago
-        else:
-            wave = waves.get(w)
-            principles = _principles(run, wave)
-            records, pairs = _wave_records(run, wave, principles, stores[0], rule)
-            judged = judge.wave(pairs, principles) if judge is not None and pairs else {}
-            counts = C.ContrastTally()
-            failed_here = sum(_filter(rec, judged.get(rec["prompt_id"]), stage.filter.min_p,
-                                      counts) for rec in records)  # fmt: skip
-            # a failed verdict too makes the wave one that --retry-errors does again
-            errors = failed_here + sum(v.status != "ok" for v in judged.values())
-            run.ledger.finish(PAIRS, fp, w, records=records)  # first: the entry below vouches
-            entry = {"tally": counts.to_dict(), "failed": failed_here, "pairs": len(pairs)}
-            run.finish(FILTER, fp, w, stores, errors=errors, prompts=len(wave), **entry)
-            del records, pairs, judged  # one wave in memory, not two while the next is read
-        tally.merge(entry["tally"])
-        failed += entry["failed"]
-        judged_pairs += entry["pairs"]
-    return tally, failed, judged_pairs
+    for w in left:
+        wave = waves.get(w)
+        principles = _principles(run, wave)
+        records, pairs = _wave_records(run, wave, principles, stores[0], rule)
+        judged = judge.wave(pairs, principles) if judge is not None and pairs else {}
+        counts = C.ContrastTally()
+        failed = sum(_filter(rec, judged.get(rec["prompt_id"]), stage.filter.min_p, counts)
+                     for rec in records)  # fmt: skip
+        # a failed verdict too makes the wave one that --retry-errors does again
+        errors = failed + sum(v.status != "ok" for v in judged.values())
+        run.ledger.finish(PAIRS, fp, w, records=records)  # first: the entry below vouches
+        entry = {"tally": counts.to_dict(), "failed": failed, "pairs": len(pairs)}
+        run.finish(FILTER, fp, w, stores, errors=errors, prompts=len(wave), **entry)
+        done.add(entry)
+        del records, pairs, judged  # one wave in memory, not two while the next is read
 
 
 def _principles(run: RunParts, wave: list[PromptItem]) -> dict[str, Principle]:
