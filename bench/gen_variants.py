@@ -14,8 +14,10 @@ by ``generation.py``. Variants:
 * ``pair-transformers``: rlaif with transformers, and beside each batch it sends, the raw
   ``model.generate`` on the same batch and the same model object, in alternating order; the
   raw time is taken out of the pipeline's. Far less noisy on a shared machine than comparing
-  two processes minutes apart. (vLLM is not paired: one engine's prefix cache would hand
-  the second call of a pair the first one's prefill.)
+  two processes minutes apart.
+* ``pair-vllm``: the same with rlaif's vLLM backend and plain ``LLM.generate`` on its engine.
+  Each raw call empties the prefix cache first, as rlaif's deterministic default does before
+  each of its calls, so neither side of a pair is handed the other's prefill.
 
 Each variant warms its model up on one short request before the clock starts, and writes
 ``{"tokens", "seconds", "load_s", ...}`` to ``OUT_JSON``. Generated tokens count every sampled
@@ -39,17 +41,22 @@ WARM = [[{"role": "user", "content": "Say hello."}]]
 
 
 class Recorder:
-    """Wraps a backend and remembers every generate batch (conversations, params)."""
+    """Wraps a backend and remembers every generate batch (conversations, params), and the
+    time spent in the backend's ``generate`` (the rest of a run is rlaif's own)."""
 
     def __init__(self, backend: Any) -> None:
         self.backend = backend
         self.batches: list[tuple[list, Any]] = []
+        self.backend_s = 0.0
         self.model_id, self.model_revision = backend.model_id, backend.model_revision
         self.name = backend.name
 
     def generate(self, conversations, params):
         self.batches.append((conversations, params))
-        return self.backend.generate(conversations, params)
+        t = time.perf_counter()
+        out = self.backend.generate(conversations, params)
+        self.backend_s += time.perf_counter() - t
+        return out
 
     def score_choices(self, conversations, choices):
         return self.backend.score_choices(conversations, choices)
@@ -126,6 +133,26 @@ def hf_generate_fn(tok: Any, model: Any, eos_ids: set[int]) -> Any:
     return run
 
 
+def vllm_generate_fn(llm: Any, tok: Any, reset: bool = False) -> Any:
+    """Plain vLLM: ``run(conversations, max_new) -> generated tokens`` with ``LLM.generate``
+    (chat template, greedy); ``reset`` empties the prefix cache first."""
+    import vllm
+
+    def run(convs: list, max_new: int) -> int:
+        prompts = []
+        for c in convs:
+            text = tok.apply_chat_template(c, add_generation_prompt=True, tokenize=False)
+            ids = tok(text, add_special_tokens=False)["input_ids"]
+            prompts.append({"prompt_token_ids": ids})
+        sp = vllm.SamplingParams(temperature=0.0, max_tokens=max_new)
+        if reset:
+            llm.reset_prefix_cache()
+        outs = llm.generate(prompts, sp, use_tqdm=False)
+        return sum(len(o.outputs[0].token_ids) for o in outs)
+
+    return run
+
+
 def _rlaif(kind: str, spec: dict[str, Any], work: Path, paired: bool = False) -> dict[str, Any]:
     from rlaif.backends import load_backend
     from rlaif.backends.base import SamplingParams
@@ -139,8 +166,11 @@ def _rlaif(kind: str, spec: dict[str, Any], work: Path, paired: bool = False) ->
     backend = load_backend(kind, spec["model"], **opts)
     load_s = time.perf_counter() - t
     backend.generate(WARM, SamplingParams(max_new_tokens=4))
-    if paired:  # raw = HF generate on the very model object rlaif uses
-        raw = hf_generate_fn(backend.tokenizer, backend.model, set(backend.eos_ids))
+    if paired:  # raw = HF generate / LLM.generate on the very model object rlaif uses
+        if kind == "vllm":
+            raw = vllm_generate_fn(backend.llm, backend.tokenizer, reset=True)
+        else:
+            raw = hf_generate_fn(backend.tokenizer, backend.model, set(backend.eos_ids))
         raw(WARM, 4)
         rec: Recorder = PairedRecorder(backend, raw)
     else:
@@ -162,6 +192,8 @@ def _rlaif(kind: str, spec: dict[str, Any], work: Path, paired: bool = False) ->
         **extra,
         "tokens": res.stats["completion_tokens"],
         "seconds": seconds,
+        "backend_seconds": rec.backend_s,
+        "requests": sum(len(b[0]) for b in batches),
         "load_s": load_s,
         "batches": [len(b[0]) for b in batches],
         "backend": info,
@@ -223,17 +255,7 @@ def _raw_vllm(spec: dict[str, Any], work: Path) -> dict[str, Any]:
         **{**(cpu_engine_defaults() if current_platform.is_cpu() else {}), **spec["vllm_options"]},
     )
     load_s = time.perf_counter() - t
-
-    def run(convs: list, max_new: int) -> int:
-        prompts = []
-        for c in convs:
-            text = tok.apply_chat_template(c, add_generation_prompt=True, tokenize=False)
-            ids = tok(text, add_special_tokens=False)["input_ids"]
-            prompts.append({"prompt_token_ids": ids})
-        sp = vllm.SamplingParams(temperature=0.0, max_tokens=max_new)
-        outs = llm.generate(prompts, sp, use_tqdm=False)
-        return sum(len(o.outputs[0].token_ids) for o in outs)
-
+    run = vllm_generate_fn(llm, tok)
     run(WARM, 4)
     t = time.perf_counter()
     tokens = sum(run(convs, p["max_new_tokens"]) for convs, p in batches)
@@ -251,8 +273,8 @@ def main(argv: list[str]) -> int:
     spec = json.loads((work / "spec.json").read_text())
     if variant in ("rlaif-transformers", "rlaif-vllm"):
         result = _rlaif(variant.removeprefix("rlaif-"), spec, work)
-    elif variant == "pair-transformers":
-        result = _rlaif("transformers", spec, work, paired=True)
+    elif variant in ("pair-transformers", "pair-vllm"):
+        result = _rlaif(variant.removeprefix("pair-"), spec, work, paired=True)
     elif variant == "raw-transformers":
         result = _raw_transformers(spec, work)
     elif variant == "raw-vllm":

@@ -1,10 +1,12 @@
-"""rlaif on a GPU: the transformers backend on CUDA against plain transformers on the same
-batches, and rlaif's own per-request cost beside the model's.
+"""rlaif on a GPU: its transformers and vLLM backends on CUDA against plain transformers and
+plain ``vllm.LLM.generate`` on the same batches, and rlaif's own per-request cost beside the
+model's.
 
     python bench/gpu.py config --out DIR      # where the default model is installed
     python bench/gpu.py model --config DIR --out MODEL [--shape 135m|1.7b|tiny]
     python bench/gpu.py judge --model MODEL --pairs 2000 --score-batch 1,64 --out-json F.json
     python bench/gpu.py generate --model MODEL --data hh.jsonl --prompts 256 --out-json F.json
+    (judge and generate take --backend vllm: rlaif's vLLM backend against plain vLLM)
 
 ``config`` saves the default model's config and tokenizer (read from its GGUF file, a few
 MB) into a folder, to carry to a machine without the model. ``model`` makes a model folder of
@@ -24,10 +26,20 @@ position, the choices' first tokens. The order alternates batch by batch. Per re
 rlaif's own time (the wave's wall time less the backend's and the raw calls'), the backend's
 (rlaif's transformers backend: tokenizing, padding, forwards), the raw call's.
 
+With ``--backend vllm`` the wave runs on rlaif's vLLM backend (one engine, ``--score-batch``
+does not apply: vLLM batches on its own), and the raw call is plain ``LLM.generate`` on the
+same engine: chat template, tokenizer, one new token with ``logprob_token_ids`` set to the
+choices' first tokens. Both empty the engine's prefix cache before each batch (rlaif's
+``deterministic`` default does it; the raw call does it too), so neither side is handed the
+other's prefill.
+
 ``generate``: the CAI chain (respond, critique, revise; ``generation.PIPELINE``) on the
 first ``--prompts`` rows, rlaif's ``run_pipeline`` with the transformers backend, and beside
 each batch it sends the raw ``model.generate`` on the same batch and model object
-(``gen_variants.py pair-transformers``): tokens per second of each.
+(``gen_variants.py pair-transformers``): tokens per second of each, and rlaif's own time
+(the pipeline's wall time less the backend's). ``--backend vllm``: rlaif's vLLM backend, and
+plain ``LLM.generate`` on the same engine beside each batch (``pair-vllm``; the prefix cache
+emptied before each call, as above).
 """
 
 from __future__ import annotations
@@ -72,8 +84,9 @@ SHAPES: dict[str, dict[str, int]] = {
 def _sync(device: Any) -> None:
     import torch
 
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    # the transformers backend's device is a torch.device, the vLLM backend's a string
+    if getattr(device, "type", device) == "cuda":
+        torch.cuda.synchronize()
 
 
 def save_config(out: Path) -> dict[str, Any]:
@@ -138,6 +151,33 @@ def raw_scorer(tokenizer: Any, model: Any, batch: int) -> Any:
     return run
 
 
+def vllm_raw_scorer(llm: Any, tokenizer: Any) -> Any:
+    """Plain vLLM: ``run(conversations, choices) -> log-probs`` of each choice's first token
+    after the chat template: one ``LLM.generate`` of one token per conversation with
+    ``logprob_token_ids`` (the prefix cache emptied first, as rlaif's deterministic mode does)."""
+    from vllm import SamplingParams
+
+    def run(conversations: list, choices: list[str]) -> list[list[float]]:
+        first = [tokenizer(c, add_special_tokens=False)["input_ids"][0] for c in choices]
+        prompts = [
+            {
+                "prompt_token_ids": tokenizer(
+                    tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False),
+                    add_special_tokens=False,
+                )["input_ids"]
+            }
+            for c in conversations
+        ]
+        sp = SamplingParams(
+            temperature=0.0, max_tokens=1, logprob_token_ids=sorted(set(first)), detokenize=False
+        )
+        llm.reset_prefix_cache()
+        outs = llm.generate(prompts, sp, use_tqdm=False)
+        return [[out.outputs[0].logprobs[0][t].logprob for t in first] for out in outs]
+
+    return run
+
+
 class PairedScorer:
     """The backend, timed, with the raw scorer run beside each batch (order alternating)."""
 
@@ -182,42 +222,63 @@ class PairedScorer:
         return out
 
 
+def _measure(
+    backend: Any, raw: Any, args: argparse.Namespace, label: dict[str, Any]
+) -> dict[str, Any]:
+    """The judge wave on ``backend`` with ``raw`` beside each batch: one result row."""
+    paired = PairedScorer(backend, raw)
+    run_waves(paired, make_items(60), args.principles)  # warm-up: kernels, allocator
+    paired.backend_s = paired.raw_s = 0.0
+    res = run_waves(paired, make_items(args.pairs), args.principles)
+    if paired.errors:
+        raise SystemExit(f"{len(paired.errors)} batches failed: {paired.errors[0]}")
+    n, wall = res["requests"], res["wall_s"]
+    own = wall - paired.backend_s - paired.raw_s
+    row = {
+        "model": args.model.name,
+        **label,
+        "requests": n,
+        "wall_s": round(wall, 3),
+        "rlaif_own_us": round(own / n * 1e6, 1),
+        "backend_us": round(paired.backend_s / n * 1e6, 1),
+        "raw_us": round(paired.raw_s / n * 1e6, 1),
+        "rlaif_requests_per_s": round(n / (wall - paired.raw_s), 1),
+        "raw_requests_per_s": round(n / paired.raw_s, 1),
+        "rlaif_own_share": round(own / (wall - paired.raw_s), 3),
+        "max_logprob_diff": paired.max_diff,
+    }
+    print(json.dumps(row), flush=True)
+    return row
+
+
 def judge(args: argparse.Namespace) -> list[dict[str, Any]]:
     from rlaif.backends import load_backend
 
+    if args.backend == "vllm":
+        backend = load_backend("vllm", str(args.model), **vllm_options(args))
+        try:
+            raw = vllm_raw_scorer(backend.llm, backend.tokenizer)
+            return [_measure(backend, raw, args, {"backend": "vllm"})]
+        finally:
+            backend.close()
     results = []
-    items = make_items(args.pairs)
     for sb in (int(x) for x in args.score_batch.split(",")):
         backend = load_backend(
             "transformers", str(args.model), device=args.device, score_batch_size=sb
         )
         raw = raw_scorer(backend.tokenizer, backend.model, args.raw_batch)
-        paired = PairedScorer(backend, raw)
-        run_waves(paired, make_items(60), args.principles)  # warm-up: kernels, allocator
-        paired.backend_s = paired.raw_s = 0.0
-        res = run_waves(paired, items, args.principles)
-        if paired.errors:
-            raise SystemExit(f"{len(paired.errors)} batches failed: {paired.errors[0]}")
-        n, wall = res["requests"], res["wall_s"]
-        own = wall - paired.backend_s - paired.raw_s
-        row = {
-            "model": args.model.name,
-            "score_batch_size": sb,
-            "raw_batch": args.raw_batch,
-            "requests": n,
-            "wall_s": round(wall, 3),
-            "rlaif_own_us": round(own / n * 1e6, 1),
-            "backend_us": round(paired.backend_s / n * 1e6, 1),
-            "raw_us": round(paired.raw_s / n * 1e6, 1),
-            "rlaif_requests_per_s": round(n / (wall - paired.raw_s), 1),
-            "raw_requests_per_s": round(n / paired.raw_s, 1),
-            "rlaif_own_share": round(own / (wall - paired.raw_s), 3),
-            "max_logprob_diff": paired.max_diff,
-        }
-        print(json.dumps(row), flush=True)
-        results.append(row)
+        label = {"backend": "transformers", "score_batch_size": sb, "raw_batch": args.raw_batch}
+        results.append(_measure(backend, raw, args, label))
         backend.close()
     return results
+
+
+def vllm_options(args: argparse.Namespace) -> dict[str, Any]:
+    """Engine options for rlaif's vLLM backend from the command line."""
+    opts: dict[str, Any] = {"gpu_memory_utilization": args.gpu_memory_utilization}
+    if args.enforce_eager:
+        opts["enforce_eager"] = True
+    return opts
 
 
 def generate(args: argparse.Namespace) -> dict[str, Any]:
@@ -235,15 +296,18 @@ def generate(args: argparse.Namespace) -> dict[str, Any]:
         "pipeline": str(pipe),
         "batch_size": args.batch_size,
         "tokens": args.tokens,
-        "vllm_options": {},
+        "vllm_options": vllm_options(args),
     }
     (work / "spec.json").write_text(json.dumps(spec, indent=2))
     out = work / "pair.json"
-    cmd = [sys.executable, str(HERE / "gen_variants.py"), "pair-transformers", str(work), str(out)]
+    variant = f"pair-{args.backend}"
+    cmd = [sys.executable, str(HERE / "gen_variants.py"), variant, str(work), str(out)]
     subprocess.run(cmd, check=True)
     res = json.loads(out.read_text())
+    own = res["seconds"] - res["backend_seconds"]
     row = {
         "model": args.model.name,
+        "backend": args.backend,
         "prompts": args.prompts,
         "batch_size": args.batch_size,
         "tokens_cap": args.tokens,
@@ -254,6 +318,10 @@ def generate(args: argparse.Namespace) -> dict[str, Any]:
         "raw_s": round(res["raw_seconds"], 3),
         "rlaif_tok_per_s": round(res["tokens"] / res["seconds"], 1),
         "raw_tok_per_s": round(res["raw_tokens"] / res["raw_seconds"], 1),
+        "backend_s": round(res["backend_seconds"], 3),
+        "rlaif_own_s": round(own, 3),
+        "requests": res["requests"],
+        "rlaif_own_us_per_request": round(own / res["requests"] * 1e6, 1),
     }
     print(json.dumps(row), flush=True)
     return row
@@ -284,6 +352,9 @@ def main() -> None:
         p.add_argument("--out-json", type=Path)
     for p in (j, g):
         p.add_argument("--model", type=Path, required=True)
+        p.add_argument("--backend", choices=("transformers", "vllm"), default="transformers")
+        p.add_argument("--gpu-memory-utilization", type=float, default=0.5)
+        p.add_argument("--enforce-eager", action="store_true", help="vLLM: no CUDA graphs")
     args = ap.parse_args()
     if args.cmd == "config":
         print(json.dumps(save_config(args.out)))

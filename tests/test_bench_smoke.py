@@ -161,6 +161,7 @@ def test_gpu_bench_compares_the_same_scores_on_cpu(tiny_model_dir, tmp_path):
     assert made["parameters"] > 0 and (tmp_path / "m" / "config.json").is_file()
     args = argparse.Namespace(
         model=tmp_path / "m", device="cpu", pairs=12, principles=1, score_batch="1,4",
+        backend="transformers",
         raw_batch=8,
     )  # fmt: skip
     rows = gpu.judge(args)

@@ -188,6 +188,23 @@ def test_errors_are_backend_errors(vb):
     assert vb.score_choices([], ["A"]) == []
 
 
+def test_bench_raw_vllm_calls_compute_what_the_backend_does(vb):
+    """bench/gpu.py and gen_variants.py time plain ``LLM.generate`` beside rlaif's backend on
+    its engine (``vb.llm``): the same scores and the same number of generated tokens."""
+    from bench.gen_variants import vllm_generate_fn
+    from bench.gpu import vllm_raw_scorer
+
+    single = ["A", "B"]  # one token each: the raw call scores first tokens only
+    assert all(len(vb.tokenizer(c, add_special_tokens=False)["input_ids"]) == 1 for c in single)
+    raw = vllm_raw_scorer(vb.llm, vb.tokenizer)(CONVS, single)
+    ours = vb.score_choices(CONVS, single)
+    for s, r in zip(ours, raw, strict=True):
+        assert [s.logprobs[c] for c in single] == pytest.approx(r, abs=1e-6)
+    tokens = vllm_generate_fn(vb.llm, vb.tokenizer, reset=True)(CONVS, 5)
+    got = vb.generate(CONVS, SamplingParams(max_new_tokens=5))
+    assert tokens == sum(c[0].completion_tokens for c in got) > 0
+
+
 def test_close_stops_the_engine(vb):
     import psutil
 
@@ -208,6 +225,8 @@ def test_close_stops_the_engine(vb):
     assert engine_procs() == []
     with pytest.raises(BackendError, match="closed"):
         vb.generate(CONVS, SamplingParams(max_new_tokens=2))
+    with pytest.raises(BackendError, match="closed"):
+        _ = vb.llm
     vb.close()  # idempotent
 
 

@@ -249,6 +249,15 @@ class VLLMBackend(LocalModelBackend):
 
     # -- helpers ---------------------------------------------------------------------------
 
+    @property
+    def llm(self) -> Any:
+        """The ``vllm.LLM`` engine (e.g. for a benchmark that calls it directly beside rlaif).
+
+        Raises:
+            BackendError: the backend is closed.
+        """
+        return self._live()
+
     def _live(self) -> Any:
         if self._llm is None:
             raise BackendError("the vllm backend is closed")
