@@ -583,6 +583,35 @@ def test_hash_follows_source_changes(tmp_path: Path) -> None:
     assert book.template_hash("respond") != builtin_hash
 
 
+def test_pinned_block_uses_one_version_and_checks_files_once(tmp_path, monkeypatch):
+    folder = tmp_path / "mine"
+    path = write(folder, "t.jinja", '{% call message("user") %}one{% endcall %}\n')
+    book = PromptBook(folder)
+    probes = []
+    real_probe = PromptBook._probe
+    monkeypatch.setattr(
+        PromptBook, "_probe", staticmethod(lambda paths: probes.append(1) or real_probe(paths))
+    )
+    book.render("t")
+    before = len(probes)
+    with book.pinned():
+        first = book.render("t")
+        path.write_text('{% call message("user") %}two{% endcall %}\n', encoding="utf-8")
+        os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 1_000_000))
+        with book.pinned():  # nested: still the wave's version
+            assert book.render("t").messages == first.messages
+        assert [book.render("t").messages for _ in range(5)] == [first.messages] * 5
+        # another thread is not pinned: it sees the edit
+        seen = []
+        thread = threading.Thread(target=lambda: seen.append(book.render("t").messages))
+        thread.start()
+        thread.join()
+        assert seen == [[{"role": "user", "content": "two"}]]
+    assert len(probes) - before <= 3  # the pin's one lookup and the thread's, not one a render
+    # after the block the edit is seen
+    assert book.render("t").messages == [{"role": "user", "content": "two"}]
+
+
 def test_book_is_safe_to_share_between_threads(tmp_path: Path) -> None:
     book = PromptBook()
     errors: list[BaseException] = []

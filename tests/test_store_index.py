@@ -440,6 +440,21 @@ def test_two_cache_objects_interleaving_buffered_writes(tmp_path, monkeypatch):
         assert len(again) == 91
 
 
+def test_put_after_a_lookup_still_skips_what_another_process_wrote_meanwhile(tmp_path):
+    """``looked_up=True`` (the model caller's put after its get_many) skips the index query,
+    not the check of the file's end: another process's entries written since stay first."""
+    path = tmp_path / "calls.jsonl"
+    mine, other = CallCache(path), CallCache(path)
+    mine.put_many({"a": 1})
+    assert mine.get_many(["b", "c"]) == {}
+    assert other.put_many({"b": "other's"}) == 1  # appended after mine looked
+    assert mine.put_many({"b": "mine", "c": 3}, looked_up=True) == 1
+    assert mine.get_many(["a", "b", "c"]) == {"a": 1, "b": "other's", "c": 3}
+    assert len(mine) == 3 and path.read_bytes().count(b'"key":"b"') == 1
+    other.close()
+    mine.close()
+
+
 def test_cache_catches_up_lines_another_process_wrote_without_the_index(tmp_path, caplog):
     path = tmp_path / "calls.jsonl"
     cache = CallCache(path)

@@ -268,8 +268,10 @@ class ModelCaller:
                 while rest:  # more than one pass only when the budget cuts the batch
                     chunk = self._admitted(requests, rest)
                     out = self._send(call, requests, batch, chunk, fail)
+                    # distinct keys get_many missed above, written once each: not asked again
                     self.cache.put_many(
-                        {keys[i]: encode(r) for i, r in zip(chunk, out, strict=True) if r.ok}
+                        {keys[i]: encode(r) for i, r in zip(chunk, out, strict=True) if r.ok},
+                        looked_up=True,
                     )
                     if self.budget is not None:  # after the cache: its ledger says how far
                         self.budget.charge(sum((_usage(r) for r in out if r.ok), Usage()))

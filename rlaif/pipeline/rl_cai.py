@@ -51,7 +51,8 @@ def sample_wave(
     progress: Progress,
 ) -> dict[str, list[str]]:
     """``params.n`` responses per prompt (prompt id -> texts; failed prompts are absent)."""
-    requests = {i.id: _sample_request(i, params, book, system) for i in items}
+    with book.pinned():
+        requests = {i.id: _sample_request(i, params, book, system) for i in items}
     records = run_gen_step("sample", requests, store, caller, progress)
     return {pid: _texts(rec) for pid, rec in records.items() if rec["status"] == "ok"}
 
@@ -78,7 +79,8 @@ def read_samples(
     """The responses :func:`sample_wave` recorded for ``items`` (prompt id -> texts, in
     ``items`` order; prompts whose sampling failed or never ran are absent). Reads the store
     only: the policy model is never called (it may be closed already)."""
-    requests = {i.id: _sample_request(i, params, book, system) for i in items}
+    with book.pinned():
+        requests = {i.id: _sample_request(i, params, book, system) for i in items}
     return {pid: _texts(rec) for pid, rec in recorded("sample", requests, store, caller).items()}
 
 
@@ -112,7 +114,8 @@ def judge_wave(
         else []
         for pair in pairs
     ]
-    requests = _judge_requests(pairs, drawn, kind.kind, jcfg, book, system)
+    with book.pinned():  # one version of each template for the wave, checked once
+        requests = _judge_requests(pairs, drawn, kind.kind, jcfg, book, system)
     for pair, principles, reqs in zip(pairs, drawn, requests, strict=True):
         inputs = {
             "prompt": pair.prompt,

@@ -13,13 +13,14 @@ shared partial also changes the hash, and with it every cache key built on it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
 import stat
 import threading
 import traceback
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -99,6 +100,7 @@ class PromptBook:
         self._env = make_environment()  # parses sources to find syntax errors and includes
         self._entries: dict[str, _Entry] = {}
         self._lock = threading.Lock()
+        self._pins = threading.local()  # this thread's pinned entries (see ``pinned``)
 
     # -- lookup ------------------------------------------------------------------------------
 
@@ -154,8 +156,33 @@ class PromptBook:
         """
         return self._entry(name).hash
 
+    @contextlib.contextmanager
+    def pinned(self) -> Iterator[None]:
+        """Within the block, each template this thread renders is looked up (and its files
+        checked) once: the renders of one wave all use one version of a template, without a
+        file check per render. Outside any block, every lookup checks the files. Nests.
+        """
+        outer = getattr(self._pins, "entries", None)
+        if outer is None:
+            self._pins.entries = {}
+        try:
+            yield
+        finally:
+            if outer is None:
+                self._pins.entries = None
+
     def _entry(self, name: str) -> _Entry:
-        """The compiled template for ``name``, reloaded when any of its files changed."""
+        """The compiled template for ``name``, reloaded when any of its files changed (once
+        per :meth:`pinned` block inside one)."""
+        pins = getattr(self._pins, "entries", None)
+        if pins is None:
+            return self._lookup(name)
+        entry = pins.get(name)
+        if entry is None:
+            entry = pins[name] = self._lookup(name)
+        return entry
+
+    def _lookup(self, name: str) -> _Entry:
         with self._lock:
             entry = self._entries.get(name)
             # Fast path: one lstat per path the lookup depends on (usually one). Unchanged

@@ -218,11 +218,15 @@ class CallCache:
         self.misses += len(keys) - len(values)
         return {key: values[key] for key in keys if key in values}
 
-    def put_many(self, items: Mapping[str, Any]) -> int:
+    def put_many(self, items: Mapping[str, Any], *, looked_up: bool = False) -> int:
         """Durably store new entries with one fsync; keys already cached are skipped.
 
         Args:
             items: cache key -> JSON value (no NaN / Infinity).
+            looked_up: the caller asked :meth:`get_many` for these keys and got none of them,
+                and this object has written none of them since: the index is not asked
+                again. Entries another process appended meanwhile are still found (the
+                file's end is checked under the lock).
 
         Returns:
             The number of entries written.
@@ -234,7 +238,7 @@ class CallCache:
         for key in items:
             if not isinstance(key, str) or not key:
                 raise StoreError(f"cache key must be a non-empty string, got {key!r}")
-        cached = self.contains_many(items)
+        cached = set() if looked_up else self.contains_many(items)
         lines: list[tuple[str, bytes]] = []
         for key, value in items.items():
             if key in cached:
