@@ -103,6 +103,19 @@ class PairedRecorder(Recorder):
         return out
 
 
+def chat_texts(tok: Any, convs: list) -> list[str]:
+    """Each conversation through the chat template, ready for the assistant's reply."""
+    return [tok.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in convs]
+
+
+def token_prompts(tok: Any, convs: list) -> list[dict[str, list[int]]]:
+    """``chat_texts`` as vLLM token prompts (the template already holds the special tokens)."""
+    return [
+        {"prompt_token_ids": tok(t, add_special_tokens=False)["input_ids"]}
+        for t in chat_texts(tok, convs)
+    ]
+
+
 def hf_generate_fn(tok: Any, model: Any, eos_ids: set[int]) -> Any:
     """Plain transformers: ``run(conversations, max_new) -> generated tokens`` with
     ``model.generate`` (chat template, left padding, greedy)."""
@@ -113,9 +126,7 @@ def hf_generate_fn(tok: Any, model: Any, eos_ids: set[int]) -> Any:
         tok.pad_token = tok.eos_token
 
     def run(convs: list, max_new: int) -> int:
-        texts = [
-            tok.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in convs
-        ]
+        texts = chat_texts(tok, convs)
         enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
         enc = enc.to(model.device)
         with torch.inference_mode():
@@ -139,11 +150,7 @@ def vllm_generate_fn(llm: Any, tok: Any, reset: bool = False) -> Any:
     import vllm
 
     def run(convs: list, max_new: int) -> int:
-        prompts = []
-        for c in convs:
-            text = tok.apply_chat_template(c, add_generation_prompt=True, tokenize=False)
-            ids = tok(text, add_special_tokens=False)["input_ids"]
-            prompts.append({"prompt_token_ids": ids})
+        prompts = token_prompts(tok, convs)
         sp = vllm.SamplingParams(temperature=0.0, max_tokens=max_new)
         if reset:
             llm.reset_prefix_cache()

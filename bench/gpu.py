@@ -57,6 +57,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.gen_variants import chat_texts, token_prompts  # noqa: E402
 from bench.judge_wave import make_items, run_waves  # noqa: E402
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
@@ -129,10 +130,7 @@ def raw_scorer(tokenizer: Any, model: Any, batch: int) -> Any:
 
     def run(conversations: list, choices: list[str]) -> list[list[float]]:
         first = [tokenizer(c, add_special_tokens=False)["input_ids"][0] for c in choices]
-        texts = [
-            tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False)
-            for c in conversations
-        ]
+        texts = chat_texts(tokenizer, conversations)
         tokenizer.padding_side = "left"
         out: list[list[float]] = []
         for start in range(0, len(texts), batch):
@@ -159,15 +157,7 @@ def vllm_raw_scorer(llm: Any, tokenizer: Any) -> Any:
 
     def run(conversations: list, choices: list[str]) -> list[list[float]]:
         first = [tokenizer(c, add_special_tokens=False)["input_ids"][0] for c in choices]
-        prompts = [
-            {
-                "prompt_token_ids": tokenizer(
-                    tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False),
-                    add_special_tokens=False,
-                )["input_ids"]
-            }
-            for c in conversations
-        ]
+        prompts = token_prompts(tokenizer, conversations)
         sp = SamplingParams(
             temperature=0.0, max_tokens=1, logprob_token_ids=sorted(set(first)), detokenize=False
         )
