@@ -24,7 +24,7 @@ from typing import Any
 from rlaif.backends.base import Backend, ChoiceScores, Completion, Conversation, SamplingParams
 from rlaif.calls.budget import Budget, Usage, usage_of_completions
 from rlaif.errors import BackendError, ModelError, RlaifError
-from rlaif.store import CallCache, Encoded, cache_key
+from rlaif.store import CallCache, Encoded, cache_key, cache_key_frame, key_of_frame
 
 log = logging.getLogger(__name__)
 
@@ -106,10 +106,7 @@ class CallStats:
 
 def request_key(model: str, revision: str | None, req: GenRequest | ScoreRequest) -> str:
     """The call-cache key of a request to ``model`` at ``revision``."""
-    if isinstance(req, ScoreRequest):
-        kind, params = "score_choices", {"choices": list(req.choices)}
-    else:
-        kind, params = "generate", req.params.to_dict()
+    kind, params = _kind_params(req)
     return cache_key(
         model=model,
         revision=revision,
@@ -118,6 +115,43 @@ def request_key(model: str, revision: str | None, req: GenRequest | ScoreRequest
         template_hash=req.template_hash,
         kind=kind,
     )
+
+
+def _kind_params(req: GenRequest | ScoreRequest) -> tuple[str, dict[str, Any]]:
+    if isinstance(req, ScoreRequest):
+        return "score_choices", {"choices": list(req.choices)}
+    return "generate", req.params.to_dict()
+
+
+class _KeyFrames:
+    """:func:`request_key` for one model and revision, with the text around each request's
+    messages built once per (params, template) rather than once per request (it was most of
+    the cost of a key).
+
+    Entries are found by the identity of the request's params (its choices tuple or
+    :class:`SamplingParams`), which the stage's requests share; an entry holds that object, so
+    its id is not reused while the entry lives. Equal but distinct params objects get
+    entries of their own (equality would let ``1`` stand for ``True``, whose JSON differs).
+    """
+
+    LIMIT = 256  # entries before the table starts again (a run has a handful)
+
+    def __init__(self, model: str, revision: str | None) -> None:
+        self.model, self.revision = model, revision
+        self._frames: dict[tuple[int, str | None], tuple[object, str, str]] = {}
+
+    def key(self, req: GenRequest | ScoreRequest) -> str:
+        params: object = req.choices if isinstance(req, ScoreRequest) else req.params
+        slot = (id(params), req.template_hash)
+        frame = self._frames.get(slot)
+        if frame is None or frame[0] is not params:
+            if len(self._frames) >= self.LIMIT:
+                self._frames.clear()
+            kind, plain = _kind_params(req)
+            head, tail = cache_key_frame(model=self.model, revision=self.revision, params=plain,
+                                         template_hash=req.template_hash, kind=kind)  # fmt: skip
+            frame = self._frames[slot] = (params, head, tail)
+        return key_of_frame(frame[1], req.messages_json.text, frame[2])
 
 
 def max_completion_tokens(req: GenRequest | ScoreRequest) -> int:
@@ -161,6 +195,7 @@ class ModelCaller:
         self.batch_size = batch_size
         self.stats = CallStats()
         self.budget = budget
+        self._frames: _KeyFrames | None = None
 
     @property
     def backend(self) -> Backend:
@@ -185,7 +220,11 @@ class ModelCaller:
         return self._backend is not None
 
     def key(self, req: GenRequest | ScoreRequest) -> str:
-        return request_key(self.model, self.revision, req)
+        """:func:`request_key` of ``req`` for this caller's model and revision."""
+        frames = self._frames
+        if frames is None or (frames.model, frames.revision) != (self.model, self.revision):
+            frames = self._frames = _KeyFrames(self.model, self.revision)
+        return frames.key(req)
 
     def generate(
         self,
@@ -261,7 +300,8 @@ class ModelCaller:
         for i in first.values():
             groups.setdefault(group_of(requests[i]), []).append(i)
         for idxs in groups.values():
-            idxs.sort(key=lambda i: -sum(len(m["content"]) for m in requests[i].messages))
+            size = {i: sum([len(m["content"]) for m in requests[i].messages]) for i in idxs}
+            idxs.sort(key=size.__getitem__, reverse=True)  # stable: ties keep their order
             for start in range(0, len(idxs), self.batch_size):
                 batch = idxs[start : start + self.batch_size]
                 rest = [i for i in batch if results[i] is None]

@@ -10,8 +10,10 @@ from rlaif.store.hashing import (
     CanonicalJSONError,
     Encoded,
     cache_key,
+    cache_key_frame,
     canonical_json,
     content_hash,
+    key_of_frame,
     record_id,
 )
 from rlaif.store.lock import RunLock
@@ -29,7 +31,9 @@ __all__ = [
     "StageStore",
     "StageSummary",
     "cache_key",
+    "cache_key_frame",
     "canonical_json",
     "content_hash",
+    "key_of_frame",
     "record_id",
 ]

@@ -30,7 +30,7 @@ from rlaif.errors import StoreError
 from rlaif.store.atomic import fsync_dir
 from rlaif.store.hashing import CanonicalJSONError, canonical_json
 from rlaif.store.index import Index, pack, unpack
-from rlaif.store.jsonl import JsonlAppender, decode_line, encode_line, read_line_at
+from rlaif.store.jsonl import JsonlAppender, decode_line, encode_keyed_line, read_line_at
 
 __all__ = ["CallCache"]
 
@@ -244,7 +244,7 @@ class CallCache:
             if key in cached:
                 continue
             try:
-                data = encode_line({"key": key, "value": value})
+                data = encode_keyed_line(key, value)
             except (ValueError, TypeError) as exc:
                 try:
                     canonical_json(value)  # re-walk to name the offending path

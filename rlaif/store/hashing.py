@@ -140,6 +140,10 @@ def canonical_json(obj: Any) -> str:
         CanonicalJSONError: for NaN / Infinity, non-string keys or non-JSON types; the
             message names the path of the value (e.g. ``$.params.temperature``).
     """
+    if type(obj) is list:
+        chat = _chat_json(obj)
+        if chat is not None:
+            return chat
     try:
         plain = _plain(obj)
     except CanonicalJSONError:
@@ -153,6 +157,20 @@ def canonical_json(obj: Any) -> str:
             _normalize(obj, "$")  # raises again, naming the path of the value
             raise
     return _CANONICAL(plain)
+
+
+def _chat_json(messages: list) -> str | None:
+    """``canonical_json`` of chat messages (dicts of exactly a string ``role`` and
+    ``content``: every request a run hashes), written directly; None for anything else."""
+    parts = []
+    for m in messages:
+        if type(m) is not dict or len(m) != 2:
+            return None
+        content, role = m.get("content"), m.get("role")
+        if type(content) is not str or type(role) is not str:
+            return None
+        parts.append(f'{{"content":{_encode_str(content)},"role":{_encode_str(role)}}}')
+    return "[" + ",".join(parts) + "]"
 
 
 class Encoded:
@@ -297,6 +315,31 @@ def cache_key(
     Returns:
         64 hex characters (full SHA-256; cache entries are not user-facing, so no shortening).
     """
+    head, tail = cache_key_frame(
+        model=model, revision=revision, params=params, template_hash=template_hash, kind=kind
+    )
+    try:
+        msgs = messages.text if type(messages) is Encoded else canonical_json(messages)
+    except CanonicalJSONError:
+        canonical_json({"messages": messages})  # raises again, naming $.messages...
+        raise
+    return key_of_frame(head, msgs, tail)
+
+
+def cache_key_frame(
+    *,
+    model: str,
+    revision: str | None,
+    params: Mapping[str, Any] | Any,
+    template_hash: str | None,
+    kind: str = "generate",
+) -> tuple[str, str]:
+    """The text of a :func:`cache_key` before and after its messages.
+
+    Every request of a stage with the same params and template shares it, so a caller that
+    keys many requests builds it once and calls :func:`key_of_frame` per request; the keys
+    are those of :func:`cache_key` (which is built on this).
+    """
     if not isinstance(params, Mapping) and hasattr(params, "to_dict"):
         params = params.to_dict()
     if not isinstance(params, Mapping):
@@ -306,14 +349,14 @@ def cache_key(
     # "messages": messages, "params": kept, "template_hash": template_hash}), written out in
     # key order: keys are hashed for every request. Bump "v" if the layout changes, so old
     # caches miss instead of lying.
-    try:
-        msgs = messages.text if type(messages) is Encoded else canonical_json(messages)
-    except CanonicalJSONError:
-        canonical_json({"messages": messages})  # raises again, naming $.messages...
-        raise
-    text = (
-        f'{{"kind":{_compose(kind)},"messages":{msgs},"model":{_compose(model)},'
-        f'"params":{canonical_json(kept)},"revision":{_compose(revision)},'
-        f'"template_hash":{_compose(template_hash)},"v":1}}'
+    head = f'{{"kind":{_compose(kind)},"messages":'
+    tail = (
+        f',"model":{_compose(model)},"params":{canonical_json(kept)},'
+        f'"revision":{_compose(revision)},"template_hash":{_compose(template_hash)},"v":1}}'
     )
-    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+    return head, tail
+
+
+def key_of_frame(head: str, messages: str, tail: str) -> str:
+    """The cache key of canonical-JSON ``messages`` in a :func:`cache_key_frame`."""
+    return hashlib.sha256((head + messages + tail).encode("utf-8", "surrogatepass")).hexdigest()

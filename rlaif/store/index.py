@@ -404,7 +404,8 @@ class Index:
         """
         if not self.buffered or not self.dirty:
             return
-        items, covering = sorted(self._pending.items()), list(self._covering.items())
+        pending = self._pending  # ids are unique: sorting them orders the items
+        items, covering = [(i, pending[i]) for i in sorted(pending)], list(self._covering.items())
         self._pending.clear()
         self._covering.clear()
         self._delta = [0, 0, 0, 0]

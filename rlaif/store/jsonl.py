@@ -56,6 +56,18 @@ def encode_line(obj: Any) -> bytes:
         raise ValueError("the value contains itself (a circular reference)") from None
 
 
+_encode_str = json.encoder.encode_basestring  # what ``_encode`` writes for a str
+
+
+def encode_keyed_line(key: str, value: Any) -> bytes:
+    """``encode_line({"key": key, "value": value})``, written without the dict (a call cache
+    writes one per model request). Raises as :func:`encode_line` does."""
+    try:
+        return f'{{"key":{_encode_str(key)},"value":{_encode(value)}}}\n'.encode()
+    except RecursionError:
+        raise ValueError("the value contains itself (a circular reference)") from None
+
+
 def decode_line(raw: bytes) -> Any:
     """Parse one JSONL line (decoding first skips json's encoding sniffing)."""
     return json.loads(raw.decode("utf-8"))
