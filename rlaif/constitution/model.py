@@ -6,6 +6,8 @@ import hashlib
 import json
 import random
 from dataclasses import dataclass, field
+from functools import cached_property
+from itertools import accumulate
 from typing import Any
 
 from rlaif.constitution.checks import Check
@@ -217,9 +219,16 @@ class Constitution:
     ) -> list[Principle]:
         """``k`` principles of a kind (critique, or judge: see :attr:`judge_principles`), drawn
         by weight with replacement."""
-        pool = self.critique_principles if kind == "critique" else self.judge_principles
+        pool, cum_weights = self._draw_pools["critique" if kind == "critique" else "judge"]
         if not pool:
             raise ConfigError(
                 f"constitution '{self.name}' has no {kind} principles", file=self.path
             )
-        return rng.choices(list(pool), weights=[p.weight for p in pool], k=k)
+        # the draw ``choices(pool, weights=...)`` makes, with the running sums it would take
+        # of the weights taken once (a judge draws for every pair)
+        return rng.choices(pool, cum_weights=cum_weights, k=k)
+
+    @cached_property
+    def _draw_pools(self) -> dict[str, tuple[list[Principle], list[float]]]:
+        pools = {"critique": self.critique_principles, "judge": self.judge_principles}
+        return {k: (list(p), list(accumulate(x.weight for x in p))) for k, p in pools.items()}

@@ -35,7 +35,16 @@ def p_first_option(
     """
     try:
         first, second = options[:2]
-        la, lb = float(logprobs[first]), float(logprobs[second])
+        la, lb = logprobs[first], logprobs[second]
+        if type(la) is float and type(lb) is float and la - la == 0.0 == lb - lb:
+            # both finite floats, as a backend gives them (x - x is 0.0 only for finite x):
+            # what the general path below computes, without its checks
+            d = la - lb
+            if d >= 0:
+                return 1 / (1 + math.exp(-d)), la + math.log1p(math.exp(-d))
+            e = math.exp(d)
+            return e / (1 + e), lb + math.log1p(e)
+        la, lb = float(la), float(lb)
     except (KeyError, TypeError, ValueError) as exc:
         raise VerdictError(f"bad option scores {logprobs!r}: {exc!r}", repr(logprobs)) from exc
     if math.isnan(la) or math.isnan(lb) or math.inf in (la, lb):

@@ -205,7 +205,7 @@ class Verdict:
         d["principle_ids"] = plain_fields(self.principle_ids)
         d["models"] = plain_fields(self.models)
         d["orders"] = [_order_dict(o) for o in self.orders]
-        d["members"] = [m.to_dict() for m in self.members]
+        d["members"] = [Verdict.to_dict(m) for m in self.members]
         if self.scores is not None:
             d["scores"] = plain_fields(self.scores)
         return d
@@ -225,14 +225,17 @@ _ORDER_FIELDS = tuple(f.name for f in fields(OrderResult))
 def _fields_of(obj: Any, names: tuple[str, ...]) -> dict[str, Any]:
     """``{field: value}`` in field order: a copy of the instance dict when it holds just the
     fields in order (as ``__init__`` leaves it), else field by field."""
-    d = dict(obj.__dict__)
+    d = obj.__dict__.copy()
     return d if tuple(d) == names else {name: getattr(obj, name) for name in names}
 
 
 def _order_dict(o: OrderResult) -> dict[str, Any]:
-    d = _fields_of(o, _ORDER_FIELDS)
-    if o.logprobs is not None:
-        d["logprobs"] = plain_fields(o.logprobs)
+    d = o.__dict__.copy()  # _fields_of, inlined: four of these per judged pair
+    if tuple(d) != _ORDER_FIELDS:
+        d = {name: getattr(o, name) for name in _ORDER_FIELDS}
+    lp = d["logprobs"]
+    if lp is not None:
+        d["logprobs"] = plain_fields(lp)
     return d
 
 
@@ -344,7 +347,7 @@ def _finite_or_none(v: Any) -> float | None:
 
 def _order_from_logprobs(order: int, scores: Any, cfg: JudgeConfig) -> OrderResult:
     lp = scores.logprobs if isinstance(scores, ChoiceScores) else scores
-    if not isinstance(lp, Mapping):
+    if type(lp) is not dict and not isinstance(lp, Mapping):
         return OrderResult(order, error=f"option scores are {type(lp).__name__}, not a mapping")
     shown = {  # a finite float as it is (x - x is 0.0 only for finite x)
         str(k): v if type(v) is float and v - v == 0.0 else _finite_or_none(v)
@@ -396,21 +399,19 @@ def decide(p1: float, p2: float, cfg: JudgeConfig) -> tuple[str, str | None, boo
 def _verdict(
     orders: list[OrderResult], cfg: JudgeConfig, principle_id: str | None, model: str | None
 ) -> Verdict:
-    common: dict[str, Any] = {
-        "mode": cfg.mode,
-        "principle_ids": [principle_id] if principle_id else [],
-        "models": [model] if model else [],
-        "orders": orders,
-    }
+    ids, models = [principle_id] if principle_id else [], [model] if model else []
     failed = [f"order {o.order}: {o.error}" for o in orders if o.error is not None]
     if failed:
-        return Verdict("error", reason="; ".join(failed), n_errors=1, **common)
+        return Verdict("error", reason="; ".join(failed), n_errors=1, mode=cfg.mode,
+                       principle_ids=ids, models=models, orders=orders)  # fmt: skip
     o1, o2 = orders
-    assert o1.p_used is not None and o2.p_used is not None
-    p1, p2 = o1.p_used, 1 - o2.p_used
+    u1, u2 = o1.p_used, o2.p_used
+    assert u1 is not None and u2 is not None
+    p1, p2 = u1, 1 - u2
     winner, reason, consistent = decide(p1, p2, cfg)
-    first = sum(o.p_used > 0.5 + TOL for o in orders)  # type: ignore[operator]
-    return Verdict("ok", winner, (p1 + p2) / 2, p1, p2, consistent, first, 2, reason, **common)
+    first = (u1 > 0.5 + TOL) + (u2 > 0.5 + TOL)  # orders where the option shown first won
+    return Verdict("ok", winner, (p1 + p2) / 2, p1, p2, consistent, first, 2, reason,
+                   mode=cfg.mode, principle_ids=ids, models=models, orders=orders)  # fmt: skip
 
 
 def verdict_from_logprobs(
@@ -453,20 +454,20 @@ def ensemble(verdicts: Sequence[Verdict], cfg: JudgeConfig) -> Verdict:
     if not verdicts:
         raise ValueError("ensemble() needs at least one verdict")
     ok = [v for v in verdicts if v.status == "ok"]
-    common: dict[str, Any] = {
+    common: dict[str, Any] = {  # lists, not generators, in the sums: one per judged pair
         "mode": cfg.mode,
         "principle_ids": [p for v in verdicts for p in v.principle_ids],
-        "models": list(dict.fromkeys(m for v in verdicts for m in v.models)),
+        "models": list(dict.fromkeys([m for v in verdicts for m in v.models])),
         "members": list(verdicts),
-        "n_errors": sum(v.n_errors for v in verdicts),
+        "n_errors": sum([v.n_errors for v in verdicts]),
     }
     if not ok:
         return Verdict("error", reason=f"all {len(verdicts)} judgements failed", **common)
-    p1 = sum(v.p_order1 for v in ok) / len(ok)  # type: ignore[misc]
-    p2 = sum(v.p_order2 for v in ok) / len(ok)  # type: ignore[misc]
+    p1 = sum([v.p_order1 for v in ok]) / len(ok)  # type: ignore[misc]
+    p2 = sum([v.p_order2 for v in ok]) / len(ok)  # type: ignore[misc]
     winner, reason, consistent = decide(p1, p2, cfg)
-    first = sum(v.first_position_preferred for v in ok)
-    n_orders = sum(v.n_orders for v in ok)
+    first = sum([v.first_position_preferred for v in ok])
+    n_orders = sum([v.n_orders for v in ok])
     return Verdict(
         "ok", winner, (p1 + p2) / 2, p1, p2, consistent, first, n_orders, reason, **common
     )
