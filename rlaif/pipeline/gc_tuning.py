@@ -9,6 +9,10 @@ exists (``gc.freeze``, which costs nothing: those objects are not walked again u
 ends, and garbage among them is collected after it) and lets the young generation grow to
 :data:`YOUNG_THRESHOLD` allocations for the run; both are restored afterwards. Garbage
 without cycles is still freed at once (reference counting), so memory stays as flat.
+
+The threshold: at 10,000 the collector still took 50-70 ms of a 24,000-request judge wave
+(~4 % of rlaif's own time; 45 young and 4 middle collections), at 100,000 5-7 ms, with the
+same peak memory (the young objects of a run are mostly alive, not cyclic garbage).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-YOUNG_THRESHOLD = 10_000
+YOUNG_THRESHOLD = 100_000
 
 _lock = threading.Lock()
 _depth = 0
