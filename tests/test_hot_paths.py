@@ -72,6 +72,11 @@ def test_a_callers_keys_are_request_key_for_every_model_params_and_template(
         for req in reqs * 2:
             assert caller.key(req) == request_key(model, revision, req)
     assert caller.key(reqs[-1]) != caller.key(reqs[-2])
+    labels = ["A", "B"]  # choices in a list, changed between two keys
+    listed = ScoreRequest(msgs[0], labels, "t1")  # type: ignore[arg-type]
+    first = caller.key(listed)
+    labels[1] = "C"
+    assert caller.key(listed) == request_key(caller.model, caller.revision, listed) != first
 
 
 def _float(rng: random.Random) -> float:

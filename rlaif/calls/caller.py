@@ -132,6 +132,7 @@ class _KeyFrames:
     :class:`SamplingParams`), which the stage's requests share; an entry holds that object, so
     its id is not reused while the entry lives. Equal but distinct params objects get
     entries of their own (equality would let ``1`` stand for ``True``, whose JSON differs).
+    Params that could change after a key was made (choices in a list) are keyed afresh.
     """
 
     LIMIT = 256  # entries before the table starts again (a run has a handful)
@@ -142,6 +143,8 @@ class _KeyFrames:
 
     def key(self, req: GenRequest | ScoreRequest) -> str:
         params: object = req.choices if isinstance(req, ScoreRequest) else req.params
+        if type(params) is not tuple and type(params) is not SamplingParams:
+            return request_key(self.model, self.revision, req)
         slot = (id(params), req.template_hash)
         frame = self._frames.get(slot)
         if frame is None or frame[0] is not params:
