@@ -205,7 +205,7 @@ class Verdict:
         d["principle_ids"] = plain_fields(self.principle_ids)
         d["models"] = plain_fields(self.models)
         d["orders"] = [_order_dict(o) for o in self.orders]
-        d["members"] = [Verdict.to_dict(m) for m in self.members]
+        d["members"] = [m.to_dict() for m in self.members]
         if self.scores is not None:
             d["scores"] = plain_fields(self.scores)
         return d
@@ -409,7 +409,7 @@ def _verdict(
     assert u1 is not None and u2 is not None
     p1, p2 = u1, 1 - u2
     winner, reason, consistent = decide(p1, p2, cfg)
-    first = (u1 > 0.5 + TOL) + (u2 > 0.5 + TOL)  # orders where the option shown first won
+    first = int(u1 > 0.5 + TOL) + int(u2 > 0.5 + TOL)  # orders the first shown won
     return Verdict("ok", winner, (p1 + p2) / 2, p1, p2, consistent, first, 2, reason,
                    mode=cfg.mode, principle_ids=ids, models=models, orders=orders)  # fmt: skip
 
