@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, fields, is_dataclass
 from typing import Any
 
 from rlaif.errors import StoreError
-from rlaif.store.jsonenc import compact_encoder
+from rlaif.store.jsonenc import compact_encoder, encode_str
 
 __all__ = [
     "RECORD_ID_HEX",
@@ -169,7 +169,7 @@ def _chat_json(messages: list) -> str | None:
         content, role = m.get("content"), m.get("role")
         if type(content) is not str or type(role) is not str:
             return None
-        parts.append(f'{{"content":{_encode_str(content)},"role":{_encode_str(role)}}}')
+        parts.append(f'{{"content":{encode_str(content)},"role":{encode_str(role)}}}')
     return "[" + ",".join(parts) + "]"
 
 
@@ -188,14 +188,11 @@ class Encoded:
         self.text = canonical_json(value)
 
 
-_encode_str = json.encoder.encode_basestring  # what the canonical encoder writes for a str
-
-
 def _compose(obj: Any) -> str:
     """``canonical_json`` of ``obj`` where :class:`Encoded` parts are spliced in as written."""
     t = type(obj)
     if t is str:
-        return _encode_str(obj)
+        return encode_str(obj)
     if t is Encoded:
         return obj.text
     if t is dict:
@@ -203,7 +200,7 @@ def _compose(obj: Any) -> str:
             if type(key) is not str:
                 obj = _str_keys(obj)
                 break
-        return "{" + ",".join([f"{_encode_str(k)}:{_compose(obj[k])}" for k in sorted(obj)]) + "}"
+        return "{" + ",".join([f"{encode_str(k)}:{_compose(obj[k])}" for k in sorted(obj)]) + "}"
     if t is list or t is tuple:
         return "[" + ",".join([_compose(v) for v in obj]) + "]"
     if obj is None:

@@ -18,6 +18,10 @@ from typing import Any
 # big ints, escapes and non-ASCII text, nesting, null and booleans.
 _PROBE = {"b": [1.5, -0.0, 1e-7, 10**20, 'é\n"\\', None, True, False], "a": {"y": [], "x": {}}}
 
+# A str as these encoders write it (quoted, escaped, non-ASCII kept): for text built around
+# an encoded value rather than through the encoder.
+encode_str: Callable[[str], str] = _json_encoder.encode_basestring
+
 
 def compact_encoder(*, sort_keys: bool) -> Callable[[Any], str]:
     """``encode`` of ``JSONEncoder(separators=(",", ":"), ensure_ascii=False,
@@ -39,7 +43,7 @@ def compact_encoder(*, sort_keys: bool) -> Callable[[Any], str]:
         return enc.encode
     try:
         c_encode = make(
-            None, enc.default, _json_encoder.encode_basestring, None, ":", ",",
+            None, enc.default, encode_str, None, ":", ",",
             sort_keys, False, False,
         )  # fmt: skip
         if "".join(c_encode(_PROBE, 0)) != enc.encode(_PROBE):

@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 from rlaif.errors import StoreError
 from rlaif.store.atomic import fsync_dir
-from rlaif.store.jsonenc import compact_encoder
+from rlaif.store.jsonenc import compact_encoder, encode_str
 
 log = logging.getLogger("rlaif.store")
 
@@ -56,14 +56,11 @@ def encode_line(obj: Any) -> bytes:
         raise ValueError("the value contains itself (a circular reference)") from None
 
 
-_encode_str = json.encoder.encode_basestring  # what ``_encode`` writes for a str
-
-
 def encode_keyed_line(key: str, value: Any) -> bytes:
     """``encode_line({"key": key, "value": value})``, written without the dict (a call cache
     writes one per model request). Raises as :func:`encode_line` does."""
     try:
-        return f'{{"key":{_encode_str(key)},"value":{_encode(value)}}}\n'.encode()
+        return f'{{"key":{encode_str(key)},"value":{_encode(value)}}}\n'.encode()
     except RecursionError:
         raise ValueError("the value contains itself (a circular reference)") from None
 
