@@ -44,7 +44,7 @@ from rlaif.sources.stream import PromptStream
 from rlaif.stages import contrast as C
 from rlaif.stages import judge as J
 from rlaif.stages.critique import clean
-from rlaif.store import Manifest, StageStore, content_hash, record_id
+from rlaif.store import Manifest, StageStore, record_id
 
 STAGE = "contrast"
 FILTER = "contrast-filter"  # ledger: a wave's pairs judged, filtered and counted
@@ -105,8 +105,7 @@ def contrast_and_export(run: RunParts, manifest: Manifest) -> dict[str, Any]:
             done.add(entry)
     run.worked = run.worked or bool(left)
     settings = PreferenceExportConfig.from_section(cfg.stages.export.preferences)
-    mark = ExportMark(run.ledger, run.run_dir,
-                      content_hash([fp, run.waves, dataclasses.asdict(settings)]))  # fmt: skip
+    mark = ExportMark(run.ledger, run.run_dir, fp, run.waves, settings)
     if not left and (written := mark.done()) is not None:
         # nothing new since this export was written: its statistics stand
         manifest.info["contrast"] = written["contrast"]

@@ -11,7 +11,6 @@ with the same settings, the export is not written again.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any
 
@@ -26,7 +25,7 @@ from rlaif.pipeline.waves import WAVE, ExportMark, LazyWaves, WaveRecords, pack
 from rlaif.progress import Progress
 from rlaif.sources import PromptItem
 from rlaif.stages import judge as J
-from rlaif.store import Manifest, content_hash
+from rlaif.store import Manifest
 
 __all__ = ["SELECT", "judge_and_export", "sample_params"]
 
@@ -63,9 +62,7 @@ def judge_and_export(run: Any, manifest: Manifest, traces: Any) -> dict[str, Any
             before += entry.get("pairs", 0)
     run.worked = run.worked or bool(left)
     settings = PreferenceExportConfig.from_section(cfg.stages.export.preferences)
-    mark = ExportMark(
-        run.ledger, run.run_dir, content_hash([fp, run.waves, dataclasses.asdict(settings)])
-    )
+    mark = ExportMark(run.ledger, run.run_dir, fp, run.waves, settings)
     if not left and (done := mark.done()) is not None:
         # nothing new since this export was written: its statistics stand
         manifest.info.setdefault("export", {})["preferences"] = done["stats"]

@@ -17,6 +17,7 @@ preference export reads back (:class:`WaveRecords`).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -80,16 +81,19 @@ class Ledger:
 
 
 class ExportMark:
-    """Whether the preference export on disk is the one a stage's finished waves and the
-    export settings make (``fp``): the ledger keeps the written export's statistics, and a
-    marker file in ``export/`` says which export is there (removed while one is written, so
-    an export cut short is written again)."""
+    """Whether the preference export on disk is the one a stage's ``waves`` finished waves
+    (ledger fingerprint ``stage_fp``) and the export ``settings`` (a dataclass) make: the
+    ledger keeps the written export's statistics, and a marker file in ``export/`` says which
+    export is there (removed while one is written, so an export cut short is written again)."""
 
     STAGE = "export-preferences"  # the ledger stage whose entry holds a written export's stats
     MARKER = ".fingerprint.preferences"
 
-    def __init__(self, ledger: Ledger, run_dir: Path, fp: str) -> None:
-        self.ledger, self.fp = ledger, fp
+    def __init__(
+        self, ledger: Ledger, run_dir: Path, stage_fp: str, waves: int, settings: Any
+    ) -> None:
+        self.ledger = ledger
+        self.fp = content_hash([stage_fp, waves, dataclasses.asdict(settings)])
         self.marker = Path(run_dir) / "export" / self.MARKER
 
     def done(self) -> dict[str, Any] | None:
