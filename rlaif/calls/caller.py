@@ -124,9 +124,9 @@ def _kind_params(req: GenRequest | ScoreRequest) -> tuple[str, dict[str, Any]]:
 
 
 class _KeyFrames:
-    """:func:`request_key` for one model and revision, with the text around each request's
-    messages built once per (params, template) rather than once per request (it was most of
-    the cost of a key).
+    """:func:`request_key` with the text around each request's messages built once per
+    (params, template, model, revision) rather than once per request (it was most of the
+    cost of a key).
 
     Entries are found by the identity of the request's params (its choices tuple or
     :class:`SamplingParams`), which the stage's requests share; an entry holds that object, so
@@ -137,21 +137,20 @@ class _KeyFrames:
 
     LIMIT = 256  # entries before the table starts again (a run has a handful)
 
-    def __init__(self, model: str, revision: str | None) -> None:
-        self.model, self.revision = model, revision
-        self._frames: dict[tuple[int, str | None], tuple[object, str, str]] = {}
+    def __init__(self) -> None:
+        self._frames: dict[tuple, tuple[object, str, str]] = {}
 
-    def key(self, req: GenRequest | ScoreRequest) -> str:
+    def key(self, model: str, revision: str | None, req: GenRequest | ScoreRequest) -> str:
         params: object = req.choices if isinstance(req, ScoreRequest) else req.params
         if type(params) is not tuple and type(params) is not SamplingParams:
-            return request_key(self.model, self.revision, req)
-        slot = (id(params), req.template_hash)
+            return request_key(model, revision, req)
+        slot = (id(params), req.template_hash, model, revision)
         frame = self._frames.get(slot)
         if frame is None or frame[0] is not params:
             if len(self._frames) >= self.LIMIT:
                 self._frames.clear()
             kind, plain = _kind_params(req)
-            head, tail = cache_key_frame(model=self.model, revision=self.revision, params=plain,
+            head, tail = cache_key_frame(model=model, revision=revision, params=plain,
                                          template_hash=req.template_hash, kind=kind)  # fmt: skip
             frame = self._frames[slot] = (params, head, tail)
         return key_of_frame(frame[1], req.messages_json.text, frame[2])
@@ -198,7 +197,7 @@ class ModelCaller:
         self.batch_size = batch_size
         self.stats = CallStats()
         self.budget = budget
-        self._frames: _KeyFrames | None = None
+        self._frames = _KeyFrames()
 
     @property
     def backend(self) -> Backend:
@@ -224,10 +223,7 @@ class ModelCaller:
 
     def key(self, req: GenRequest | ScoreRequest) -> str:
         """:func:`request_key` of ``req`` for this caller's model and revision."""
-        frames = self._frames
-        if frames is None or (frames.model, frames.revision) != (self.model, self.revision):
-            frames = self._frames = _KeyFrames(self.model, self.revision)
-        return frames.key(req)
+        return self._frames.key(self.model, self.revision, req)
 
     def generate(
         self,
