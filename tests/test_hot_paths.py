@@ -93,6 +93,14 @@ class _Float(float):
     """A float the shortcut does not take: the general path computes these."""
 
 
+def _p_first_reference(la: float, lb: float) -> tuple[float, float]:
+    """P(first) and log(P(A) + P(B)) as p_first_option computed them before its shortcut."""
+    d = la - lb
+    p = 1 / (1 + math.exp(-d)) if d >= 0 else math.exp(d) / (1 + math.exp(d))
+    log_mass = max(la, lb) + (math.log1p(math.exp(-abs(d))) if math.isfinite(d) else 0.0)
+    return p, log_mass
+
+
 def test_p_first_of_two_finite_floats_is_that_of_the_general_path() -> None:
     rng = random.Random(1)
     for _ in range(20000):
@@ -102,6 +110,7 @@ def test_p_first_of_two_finite_floats_is_that_of_the_general_path() -> None:
         got = p_first_option({"A": a, "B": b})
         want = p_first_option({"A": _Float(a), "B": _Float(b)})
         assert repr(got) == repr(want), (a, b)
+        assert repr(got) == repr(_p_first_reference(a, b)), (a, b)
 
 
 def test_a_cache_entry_line_is_the_line_of_its_dict() -> None:

@@ -36,25 +36,25 @@ def p_first_option(
     try:
         first, second = options[:2]
         la, lb = logprobs[first], logprobs[second]
-        if type(la) is float and type(lb) is float and la - la == 0.0 == lb - lb:
-            # both finite floats, as a backend gives them (x - x is 0.0 only for finite x):
-            # what the general path below computes, without its checks
-            d = la - lb
-            if d >= 0:
-                return 1 / (1 + math.exp(-d)), la + math.log1p(math.exp(-d))
-            e = math.exp(d)
-            return e / (1 + e), lb + math.log1p(e)
-        la, lb = float(la), float(lb)
+        # two finite floats, as a backend gives them, need no checks (x - x is 0.0 only for
+        # finite x); anything else is converted and checked
+        plain = type(la) is float and type(lb) is float and la - la == 0.0 == lb - lb
+        if not plain:
+            la, lb = float(la), float(lb)
     except (KeyError, TypeError, ValueError) as exc:
         raise VerdictError(f"bad option scores {logprobs!r}: {exc!r}", repr(logprobs)) from exc
-    if math.isnan(la) or math.isnan(lb) or math.inf in (la, lb):
-        raise VerdictError(f"non-finite option scores {logprobs!r}", repr(logprobs))
-    if la == lb == -math.inf:
-        raise VerdictError("both options have probability 0", repr(logprobs))
-    d = la - lb  # finite or +-inf; exp() below only sees arguments <= 0, so it never overflows
-    p = 1 / (1 + math.exp(-d)) if d >= 0 else math.exp(d) / (1 + math.exp(d))
-    log_mass = max(la, lb) + (math.log1p(math.exp(-abs(d))) if math.isfinite(d) else 0.0)
-    return p, log_mass
+    if not plain:
+        if math.isnan(la) or math.isnan(lb) or math.inf in (la, lb):
+            raise VerdictError(f"non-finite option scores {logprobs!r}", repr(logprobs))
+        if la == lb == -math.inf:
+            raise VerdictError("both options have probability 0", repr(logprobs))
+    # d is finite or +-inf; exp() only sees arguments <= 0, so it never overflows, and an
+    # infinite d gives exp() == 0.0: p is 1 or 0 and log_mass the larger score
+    d = la - lb
+    if d >= 0:
+        return 1 / (1 + math.exp(-d)), la + math.log1p(math.exp(-d))
+    e = math.exp(d)
+    return e / (1 + e), lb + math.log1p(e)
 
 
 _ANSWER = r"\s*(?:\*\*)?(?i:answer)(?:\*\*)?\s*:\s*(?:\*\*)?\s*(?:\((?P<p>{0})\)|(?P<l>{0}))"
